@@ -1,0 +1,59 @@
+"""Spawn checks: request/reply on NATS and POST /v1/spawn-checks (SPEC 2.5)."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Final, Literal
+
+from pydantic import Field
+
+from ._base import DEFAULT_PREFIX, Contract, DecimalText, Name, UtcDatetime, subject_of
+from .workloads import Resources
+
+REQUEST_SCHEMA: Final = "tollgate.spawn_request.v1"
+DECISION_SCHEMA: Final = "tollgate.spawn_decision.v1"
+
+
+class SpawnRequest(Contract):
+    """May this subject start this workload?"""
+
+    schema_: Literal["tollgate.spawn_request.v1"] = Field(default=REQUEST_SCHEMA, alias="schema")
+    subject: Name
+    groups: list[str] = Field(default_factory=list, max_length=100)
+    workload: Name | None = None
+    host: Name | None = None
+    resources: Resources = Field(default_factory=Resources)
+    expected_seconds: Decimal = Field(default=Decimal(3600), ge=0, le=10**9)
+
+
+class QuotaStatus(Contract):
+    """One quota as it stands for one subject."""
+
+    name: str
+    metric: str
+    unit: str
+    used: DecimalText
+    limit: DecimalText
+    remaining: DecimalText
+    window: str
+    state: Literal["ok", "warning", "exceeded"]
+    retry_at: UtcDatetime | None = None
+    enforce: list[str] = Field(default_factory=list)
+
+
+class SpawnDecision(Contract):
+    """The answer to a spawn request, with a sentence a person can act on."""
+
+    schema_: Literal["tollgate.spawn_decision.v1"] = Field(default=DECISION_SCHEMA, alias="schema")
+    decision_id: str
+    allowed: bool
+    reason: str
+    message: str
+    quotas: list[QuotaStatus] = Field(default_factory=list)
+    fail_open: bool = False
+    retry_at: UtcDatetime | None = None
+
+
+def spawn_check_subject(prefix: str = DEFAULT_PREFIX) -> str:
+    """`tollgate.v1.spawn.check` (request/reply)."""
+    return subject_of(prefix, "spawn", "check")

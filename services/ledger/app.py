@@ -1,0 +1,220 @@
+"""The ledger service: pull sample batches, fold them, commit, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from contracts.dlq import (
+    DETAIL_HEADER,
+    REASON_HEADER,
+    STREAM_SEQ_HEADER,
+    SUBJECT_HEADER,
+    dlq_subject,
+)
+from contracts.samples import samples_stream, samples_wildcard
+
+from . import store
+from .domain import Reading, readings
+from .errors import DeadLetter
+from .handlers import parse_sample_message
+
+log = logging.getLogger("tollgate.ledger")
+
+# Faults that go away by themselves: wait and try the same batch again.
+TRANSIENT = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+@dataclass
+class LedgerStats:
+    """Counters the ledger keeps about itself (for logs and /metrics)."""
+
+    messages: int = 0
+    batches_committed: int = 0
+    events: int = 0
+    resets: int = 0
+    dead_letters: int = 0
+    retries: int = 0
+    last_commit_monotonic: float = field(default_factory=time.monotonic)
+
+
+class LedgerService:
+    """One ledger consumer: fetch, fold, commit in one transaction, ack after commit."""
+
+    def __init__(
+        self,
+        nc: Client,
+        pool: asyncpg.Pool,
+        *,
+        prefix: str,
+        consumer: str = "ledger",
+        batch: int = 1000,
+        fetch_timeout: float = 0.5,
+        max_payload: int = 1 << 20,
+    ) -> None:
+        self.nc = nc
+        self.js: JetStreamContext = nc.jetstream()
+        self.pool = pool
+        self.prefix = prefix
+        self.consumer = consumer
+        self.batch = batch
+        self.fetch_timeout = fetch_timeout
+        self.max_payload = max_payload
+        self.stats = LedgerStats()
+        self._sub: JetStreamContext.PullSubscription | None = None
+
+    async def subscribe(self) -> None:
+        """Bind the durable pull consumer (created on first start)."""
+        self._sub = await self.js.pull_subscribe(
+            samples_wildcard(self.prefix),
+            durable=self.consumer,
+            stream=samples_stream(self.prefix),
+            config=ConsumerConfig(
+                durable_name=self.consumer,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=60,
+                max_deliver=-1,
+                max_ack_pending=50_000,
+            ),
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Consume until `stop` is set. Faults are retried with backoff, never fatal."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                if self._sub is None:
+                    await self.subscribe()
+                assert self._sub is not None
+                msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
+            except nats.errors.TimeoutError:
+                continue
+            except (TimeoutError, nats.errors.Error, OSError) as exc:
+                log.warning("ledger: cannot fetch from NATS (%s); retrying in %.1fs", exc, backoff)
+                await _sleep_or_stop(stop, backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            backoff = 0.1
+            await self.handle(msgs, stop)
+
+    async def handle(self, msgs: list[Msg], stop: asyncio.Event | None = None) -> None:
+        """Fold one fetched batch: dead letters out, the rest committed, then acked."""
+        good: list[Msg] = []
+        items: list[Reading] = []
+        for msg in msgs:
+            self.stats.messages += 1
+            stream_seq = msg.metadata.sequence.stream
+            try:
+                batch = parse_sample_message(msg.subject, msg.data, self.max_payload)
+            except DeadLetter as dead:
+                await self._dead_letter(msg, dead)
+                continue
+            good.append(msg)
+            items.extend(readings(batch, stream_seq))
+        if not good:
+            return
+        last_stream_seq = max(m.metadata.sequence.stream for m in good)
+        result = await self._commit(items, last_stream_seq, good, stop)
+        if result is None:
+            return  # stopping: the messages will be redelivered and fold to the same result
+        for msg in good:
+            await msg.ack()
+        self.stats.batches_committed += 1
+        self.stats.events += len(result.events)
+        self.stats.resets += result.resets
+        self.stats.last_commit_monotonic = time.monotonic()
+        for event in result.events:
+            if event.usage.reset:
+                k = event.usage.key
+                log.warning(
+                    "counter reset: host=%s epoch=%s subject=%s workload=%s metric=%s "
+                    "went back to %s; counted from zero (ledger seq %d)",
+                    k.host,
+                    k.epoch,
+                    k.subject,
+                    k.workload,
+                    k.metric,
+                    event.usage.delta,
+                    event.seq,
+                )
+
+    async def _commit(
+        self,
+        items: list[Reading],
+        last_stream_seq: int,
+        msgs: list[Msg],
+        stop: asyncio.Event | None,
+    ) -> store.BatchResult | None:
+        backoff = 0.1
+        while True:
+            try:
+                async with self.pool.acquire() as conn:
+                    return await store.apply_readings(conn, self.consumer, items, last_stream_seq)
+            except TRANSIENT as exc:
+                self.stats.retries += 1
+                log.warning(
+                    "ledger: commit failed (%s: %s); retrying the same %d messages in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    len(msgs),
+                    backoff,
+                )
+            # Keep the messages ours while we wait, so they are not redelivered meanwhile.
+            for msg in msgs:
+                try:
+                    await msg.in_progress()
+                except (nats.errors.Error, OSError):
+                    break
+            if stop is not None and stop.is_set():
+                return None
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
+
+    async def _dead_letter(self, msg: Msg, dead: DeadLetter) -> None:
+        stream_seq = msg.metadata.sequence.stream
+        headers = {
+            REASON_HEADER: dead.reason.value,
+            DETAIL_HEADER: dead.detail[:1000],
+            SUBJECT_HEADER: msg.subject,
+            STREAM_SEQ_HEADER: str(stream_seq),
+            # Redelivery after a crash must not file the same dead letter twice.
+            "Nats-Msg-Id": f"dlq:{self.consumer}:{stream_seq}",
+        }
+        body = msg.data if len(msg.data) <= 900_000 else msg.data[:900_000]
+        await self.js.publish(dlq_subject(dead.reason, self.prefix), body, headers=headers)
+        await msg.term()
+        self.stats.dead_letters += 1
+        log.warning(
+            "dead letter %s (stream seq %d on %s): %s",
+            dead.reason.value,
+            stream_seq,
+            msg.subject,
+            dead.detail,
+        )
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)

