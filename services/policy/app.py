@@ -1,0 +1,27 @@
+"""Wiring of the policy service: a FastStream NATS broker answering spawn checks."""
+
+from __future__ import annotations
+
+from faststream.nats import NatsBroker
+from faststream.nats.annotations import NatsMessage
+
+from contracts.spawn import spawn_check_subject
+
+from .handlers import BadRequest, SpawnChecker, error_reply, parse_request
+
+
+def build_broker(nats_url: str, prefix: str, checker: SpawnChecker) -> NatsBroker:
+    """A broker whose one subscriber answers `tollgate.v1.spawn.check` requests."""
+    broker = NatsBroker(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+
+    # A queue group, so several policy instances share the requests.
+    @broker.subscriber(spawn_check_subject(prefix), queue="policy")
+    async def spawn_check(msg: NatsMessage) -> bytes:
+        try:
+            request = parse_request(msg.body)
+        except BadRequest as exc:
+            return error_reply(str(exc))
+        decision = await checker.check(request)
+        return decision.to_json()
+
+    return broker
