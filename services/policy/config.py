@@ -39,6 +39,9 @@ def parse_duration(value: str | int) -> timedelta:
     return timedelta(seconds=int(m[1]) * _SECONDS[m[2]])
 
 
+Enforcement = Literal["spawn", "terminate"]
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -128,7 +131,7 @@ class QuotaRule(_Strict):
     applies_to: AppliesTo = Field(default_factory=lambda: AppliesTo(all=True))
     per: Literal["subject", "workload", "group"] = "subject"
     combine: Literal["max", "min", "sum"] = "max"
-    enforce: list[Literal["spawn", "terminate"]] = Field(default_factory=lambda: ["spawn"])
+    enforce: list[Enforcement] = Field(default_factory=lambda: list[Enforcement](["spawn"]))
     warn_at: list[Decimal] = Field(default_factory=list)
     termination: Termination = Field(default_factory=Termination)
     _amount: Amount = PrivateAttr()
