@@ -18,6 +18,8 @@ from tollgate.embedded import EmbeddedNats, EmbeddedPostgres
 
 @dataclass
 class TestServers:
+    __test__ = False  # a fixture value, not a test class
+
     nats_url: str
     database_url: str
     how: str

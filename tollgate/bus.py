@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
@@ -22,9 +21,11 @@ DAY = 86_400
 
 async def connect(url: str, name: str) -> Client:
     """Connect with endless reconnects: a NATS restart is an outage, not a crash."""
+    nc = Client()
 
     async def _disconnected() -> None:
-        log.warning("%s: disconnected from NATS at %s; reconnecting", name, url)
+        if not (nc.is_closed or nc.is_draining):  # our own close is not an outage
+            log.warning("%s: disconnected from NATS at %s; reconnecting", name, url)
 
     async def _reconnected() -> None:
         log.info("%s: reconnected to NATS", name)
@@ -32,7 +33,7 @@ async def connect(url: str, name: str) -> Client:
     async def _error(exc: Exception) -> None:
         log.warning("%s: NATS error: %s", name, exc)
 
-    return await nats.connect(
+    await nc.connect(
         url,
         name=name,
         max_reconnect_attempts=-1,
@@ -42,6 +43,7 @@ async def connect(url: str, name: str) -> Client:
         reconnected_cb=_reconnected,
         error_cb=_error,
     )
+    return nc
 
 
 def stream_configs(prefix: str, duplicate_window: float) -> list[StreamConfig]:

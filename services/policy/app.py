@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from faststream.nats import NatsBroker
 from faststream.nats.annotations import NatsMessage
 
@@ -12,7 +14,10 @@ from .handlers import BadRequest, SpawnChecker, error_reply, parse_request
 
 def build_broker(nats_url: str, prefix: str, checker: SpawnChecker) -> NatsBroker:
     """A broker whose one subscriber answers `tollgate.v1.spawn.check` requests."""
-    broker = NatsBroker(nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    # Per-message access logs at DEBUG: the checker logs each decision with its reasons.
+    broker = NatsBroker(
+        nats_url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, log_level=logging.DEBUG
+    )
 
     # A queue group, so several policy instances share the requests.
     @broker.subscriber(spawn_check_subject(prefix), queue="policy")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import logging
-import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 import asyncpg
 from pydantic import ValidationError
@@ -15,9 +13,10 @@ from pydantic import ValidationError
 from contracts import PayloadError, parse_json
 from contracts.spawn import REQUEST_SCHEMA, SpawnDecision, SpawnRequest
 
-from .config import ConfigError, PolicyConfig, load_or_empty
+from .config import PolicyConfig
 from .domain import decide_spawn
 from .quotas import subject_quotas
+from .source import ConfigSource
 
 log = logging.getLogger("tollgate.policy")
 
@@ -55,50 +54,6 @@ def parse_request(body: bytes) -> SpawnRequest:
 
 
 @dataclass
-class ConfigSource:
-    """The quota file, re-read when it changes on disk (checked at most once a second)."""
-
-    path: Path | None
-    current: PolicyConfig = field(init=False)
-    _mtime: float = field(default=0.0, init=False)
-    _checked: float = field(default=0.0, init=False)
-
-    def __post_init__(self) -> None:
-        self.current = load_or_empty(self.path)
-        self._mtime = self._stat()
-
-    def _stat(self) -> float:
-        try:
-            return self.path.stat().st_mtime if self.path else 0.0
-        except OSError:
-            return 0.0
-
-    def get(self) -> PolicyConfig:
-        now = time.monotonic()
-        if self.path is None or now - self._checked < 1.0:
-            return self.current
-        self._checked = now
-        mtime = self._stat()
-        if mtime != self._mtime:
-            self.reload()
-            self._mtime = mtime
-        return self.current
-
-    def reload(self) -> None:
-        """Take the file as it is now; a broken file keeps the last good configuration."""
-        try:
-            new = load_or_empty(self.path)
-        except ConfigError as exc:
-            log.error("quota configuration not reloaded, keeping version %s: %s",
-                      self.current.version, exc)  # fmt: skip
-            return
-        if new.version != self.current.version:
-            log.info("quota configuration reloaded: version %s -> %s",
-                     self.current.version, new.version)  # fmt: skip
-        self.current = new
-
-
-@dataclass
 class SpawnChecker:
     """Answers spawn checks from the ledger's rollups."""
 
@@ -108,7 +63,7 @@ class SpawnChecker:
     decisions: dict[str, int] = field(default_factory=lambda: {"allowed": 0, "denied": 0})
 
     async def check(self, request: SpawnRequest) -> SpawnDecision:
-        config = self.config.get()
+        config = self.config.current()
         decision_id = uuid.uuid4().hex
         try:
             found = await subject_quotas(self.pool, config, request.subject, request.groups)

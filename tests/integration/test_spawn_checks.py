@@ -16,7 +16,8 @@ from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from services.ledger.domain import Reading, SeriesKey
 from services.ledger.store import apply_readings
 from services.policy.app import build_broker
-from services.policy.handlers import ConfigSource, SpawnChecker
+from services.policy.handlers import SpawnChecker
+from services.policy.source import ConfigSource
 from tests.conftest import unique
 
 GIB_HOUR = Decimal(2**30 * 3600)
@@ -46,7 +47,7 @@ help: Ask your admin to join the power group.
 def checker_for(pool: asyncpg.Pool, tmp_path, alice: str, mode: str = "open") -> SpawnChecker:
     path = tmp_path / "quotas.yaml"
     path.write_text(CONFIG.format(alice=alice, mode=mode))
-    return SpawnChecker(pool, ConfigSource(path))
+    return SpawnChecker(pool, ConfigSource.load(path))
 
 
 @pytest.fixture

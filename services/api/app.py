@@ -1,0 +1,117 @@
+"""The API application: routers, error mapping and the connections its lifespan owns."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+from urllib.parse import urlsplit
+
+import asyncpg
+from fastapi import FastAPI
+
+from services.policy.config import ConfigError
+from services.policy.source import ConfigSource
+from tollgate.bus import connect
+from tollgate.db import connect_and_migrate
+from tollgate.settings import Settings
+
+from . import errors
+from .deps import ApiDeps, AuthKeys
+from .errors import ApiStartupError
+from .routes import health, quotas, usage
+
+DESCRIPTION = """Usage and quotas of Tollgate subjects.
+
+Authenticate with `Authorization: Bearer <token>`: mint one with
+`tollgate token issue --subject NAME --role user`, or use the admin token.
+"""
+
+
+def create_app(settings: Settings, deps: ApiDeps | None = None) -> FastAPI:
+    """The FastAPI app. With `deps` it uses those connections and never opens or closes any."""
+    app = FastAPI(
+        title="Tollgate", version="1", description=DESCRIPTION, lifespan=_lifespan(settings)
+    )
+    app.state.deps = deps
+    app.state.injected = deps is not None
+    app.state.startup_error = None
+    # Read once: rotating the admin token or the signing secret takes an API restart.
+    secret = settings.resolved_token_secret(create=True)
+    if not secret:
+        raise ApiStartupError(
+            f"the token secret is empty; set TOLLGATE_TOKEN_SECRET or delete "
+            f"{settings.data_dir / 'token-secret'} so a new one is made"
+        )
+    app.state.keys = AuthKeys(token_secret=secret, admin_token=settings.resolved_admin_token())
+    errors.install(app)
+    for module in (health, usage, quotas):
+        app.include_router(module.router)
+    return app
+
+
+def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if app.state.injected:
+            yield
+            return
+        try:
+            async with _connected(settings) as deps:
+                app.state.deps = deps
+                try:
+                    yield
+                finally:
+                    app.state.deps = None
+        except ApiStartupError as exc:
+            # Kept for `bootstrap.serve`, which turns it into one clear line for the user.
+            app.state.startup_error = exc
+            raise
+
+    return lifespan
+
+
+def _where(url: str) -> str:
+    """host:port of a server URL, without any credentials it may carry."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.hostname else "the configured address"
+
+
+@contextlib.asynccontextmanager
+async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
+    try:
+        config = ConfigSource.load(settings.config)
+    except ConfigError as exc:
+        raise ApiStartupError(f"{exc}\nFix the file or unset TOLLGATE_CONFIG.") from None
+    s = settings.with_endpoints()
+    if not s.nats_url or not s.database_url:
+        raise ApiStartupError(
+            "the API does not know where NATS and Postgres are: start it with `tollgate up`, "
+            "or set TOLLGATE_NATS_URL and TOLLGATE_DATABASE_URL"
+        )
+    try:
+        pool = await connect_and_migrate(s.database_url)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise ApiStartupError(
+            f"cannot open Postgres at {_where(s.database_url)} (TOLLGATE_DATABASE_URL): "
+            f"{exc}; check that the server is up"
+        ) from exc
+    deps = ApiDeps(pool=pool, nc=None, config=config, nats_address=_where(s.nats_url))
+    # NATS is joined in the background: none of these endpoints need it, and the client
+    # retries forever, so waiting for it would leave the API silent while NATS is down.
+    # /readyz reports it until it is connected.
+    joining = asyncio.create_task(_join_nats(deps, s.nats_url))
+    try:
+        yield deps
+    finally:
+        joining.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await joining
+        if deps.nc is not None:
+            await deps.nc.close()
+        await pool.close()
+
+
+async def _join_nats(deps: ApiDeps, url: str) -> None:
+    deps.nc = await connect(url, "tollgate-api")

@@ -1,0 +1,79 @@
+"""What the API's handlers depend on, and the `Annotated` aliases that hand it to them.
+
+`create_app` stores one `ApiDeps` on `app.state`: built by the lifespan in production, or
+passed in by a test that already holds a pool and a NATS connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated
+
+import asyncpg
+from fastapi import Depends, HTTPException, Request
+from nats.aio.client import Client
+
+from services.policy.config import PolicyConfig
+from services.policy.source import ConfigSource
+
+log = logging.getLogger("tollgate.api")
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class AuthKeys:
+    """The secrets bearer tokens are checked against."""
+
+    token_secret: str
+    admin_token: str | None = None
+
+
+@dataclass
+class ApiDeps:
+    """Connections and configuration every request may use."""
+
+    pool: asyncpg.Pool
+    nc: Client | None  # None until the first connection to NATS succeeds
+    config: ConfigSource
+    clock: Clock = field(default=utc_now)
+    nats_address: str = "NATS"  # host:port, for messages while not connected
+
+
+def _deps(request: Request) -> ApiDeps:
+    deps: ApiDeps | None = getattr(request.app.state, "deps", None)
+    if deps is None:
+        # Only reachable when the app is served without its lifespan.
+        raise HTTPException(503, "the API is still starting; retry in a moment")
+    return deps
+
+
+def _pool(deps: Annotated[ApiDeps, Depends(_deps)]) -> asyncpg.Pool:
+    return deps.pool
+
+
+def _config(deps: Annotated[ApiDeps, Depends(_deps)]) -> PolicyConfig:
+    return deps.config.current()
+
+
+def _clock(deps: Annotated[ApiDeps, Depends(_deps)]) -> Clock:
+    return deps.clock
+
+
+def _keys(request: Request) -> AuthKeys:
+    keys: AuthKeys = request.app.state.keys
+    return keys
+
+
+DepsDep = Annotated[ApiDeps, Depends(_deps)]
+PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
+ConfigDep = Annotated[PolicyConfig, Depends(_config)]
+ClockDep = Annotated[Clock, Depends(_clock)]
+KeysDep = Annotated[AuthKeys, Depends(_keys)]

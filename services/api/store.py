@@ -1,0 +1,69 @@
+"""The API's SQL. Usage reads come from the hourly rollups, never from the event table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from decimal import Decimal
+
+import asyncpg
+
+from services.policy.store import ledger_head
+
+from .models import GroupBy
+
+# The grouping column for each group_by. Only these fixed strings reach the SQL text.
+_GROUP_SQL = {
+    GroupBy.METRIC: "NULL::text",
+    GroupBy.WORKLOAD: "workload",
+    GroupBy.HOST: "host",
+    GroupBy.HOUR: "hour",
+    # Days start at midnight in the requested zone; the rollup's hours are UTC.
+    GroupBy.DAY: "(date_trunc('day', hour, $5::text) AT TIME ZONE $5::text)::date",
+}
+
+
+@dataclass(frozen=True)
+class UsageTotal:
+    metric: str
+    group: str | datetime | date | None
+    total: Decimal
+    events: int
+
+
+@dataclass(frozen=True)
+class UsageSnapshot:
+    rows: list[UsageTotal]
+    as_of_seq: int
+    as_of: datetime | None
+
+
+async def usage_totals(
+    pool: asyncpg.Pool,
+    subject: str,
+    start: datetime,
+    end: datetime,
+    metric: str | None,
+    group_by: GroupBy,
+    tz: str,
+) -> UsageSnapshot:
+    """Totals per metric and group over hour buckets in [start, end), with the ledger head.
+
+    One repeatable-read snapshot, so the totals are exactly those up to `as_of_seq`.
+    """
+    group = _GROUP_SQL[group_by]
+    sql = f"""
+        SELECT metric, {group} AS grp, sum(total) AS total, sum(events)::bigint AS events
+        FROM usage_hourly
+        WHERE subject = $1 AND hour >= $2 AND hour < $3
+          AND ($4::text IS NULL OR metric = $4)
+        GROUP BY metric, grp
+        ORDER BY metric, grp
+    """
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        seq, committed_at = await ledger_head(conn)
+        # Only the day grouping uses $5; Postgres refuses parameters it cannot type.
+        extra = (tz,) if group_by is GroupBy.DAY else ()
+        rows = await conn.fetch(sql, subject, start, end, metric, *extra)
+    totals = [UsageTotal(r["metric"], r["grp"], r["total"], int(r["events"])) for r in rows]
+    return UsageSnapshot(totals, seq, committed_at)

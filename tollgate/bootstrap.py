@@ -1,0 +1,140 @@
+"""Composition root: builds each service from Settings and runs it until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from nats.aio.client import Client
+
+from services.ledger.app import LedgerService
+from services.policy.app import build_broker
+from services.policy.handlers import SpawnChecker
+from services.policy.source import ConfigSource
+from tollgate.bus import connect, ensure_streams
+from tollgate.db import connect_and_migrate
+from tollgate.settings import Settings
+
+log = logging.getLogger("tollgate")
+
+
+async def _retry(
+    what: str, attempt: Callable[[], Awaitable[object]], stop: asyncio.Event
+) -> object:
+    """Keep trying to reach a server that is not up yet: services may start in any order."""
+    delay = 0.2
+    while True:
+        try:
+            return await attempt()
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            log.warning("waiting for %s (%s); retrying in %.1fs", what, exc, delay)
+        if stop.is_set():
+            raise asyncio.CancelledError
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), delay)
+        delay = min(delay * 2, 5.0)
+
+
+async def open_pool(settings: Settings, stop: asyncio.Event, max_size: int = 10) -> asyncpg.Pool:
+    """A pool on an up-to-date schema (whoever starts first applies the migrations)."""
+    assert settings.database_url
+    url = settings.database_url
+    pool = await _retry("Postgres", lambda: connect_and_migrate(url, max_size=max_size), stop)
+    assert isinstance(pool, asyncpg.Pool)
+    return pool
+
+
+async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Client:
+    """A NATS connection, with the contract's streams in place."""
+    assert settings.nats_url
+    url = settings.nats_url
+    nc = await _retry("NATS", lambda: connect(url, name), stop)
+    assert isinstance(nc, Client)
+    await ensure_streams(nc.jetstream(), settings.prefix, settings.duplicate_window_seconds)
+    return nc
+
+
+async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
+    """The ledger: samples in, exact usage events out."""
+    nc = await open_nats(settings, "tollgate-ledger", stop)
+    pool = await open_pool(settings, stop)
+    try:
+        service = LedgerService(
+            nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
+            fetch_timeout=settings.ledger_fetch_timeout,
+            max_payload=settings.max_payload_bytes,
+        )  # fmt: skip
+        log.info("ledger consuming %s samples", settings.prefix)
+        await service.run(stop)
+    finally:
+        # close, not drain: draining a pull subscription waits out nats-py's 30 s timeout,
+        # and anything fetched but not committed is simply redelivered.
+        await nc.close()
+        await pool.close()
+
+
+async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
+    """The policy: spawn checks answered from the ledger's numbers."""
+    assert settings.nats_url
+    nc = await open_nats(settings, "tollgate-policy", stop)
+    await nc.close()
+    pool = await open_pool(settings, stop)
+    config = ConfigSource.load(settings.config)
+    checker = SpawnChecker(pool, config)
+    broker = build_broker(settings.nats_url, settings.prefix, checker)
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, config.reload)
+    try:
+        await broker.start()
+        log.info(
+            "policy answering spawn checks with %d quotas (version %s%s)",
+            len(config.current().quotas), config.version,
+            f", from {settings.config}" if settings.config else ", no quota file configured",
+        )  # fmt: skip
+        await stop.wait()
+    finally:
+        await broker.stop()
+        await pool.close()
+
+
+async def run_api(settings: Settings, stop: asyncio.Event) -> None:
+    """The HTTP API."""
+    from services.api.bootstrap import serve
+
+    await serve(settings, stop)
+
+
+SERVICES: dict[str, Callable[[Settings, asyncio.Event], Awaitable[None]]] = {
+    "ledger": run_ledger,
+    "policy": run_policy,
+    "api": run_api,
+}
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """Ctrl-C and SIGTERM set `stop`; services finish their batch and close cleanly."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def run_together(
+    settings: Settings, names: list[str], stop: asyncio.Event,
+    extra: list[Callable[[asyncio.Event], Awaitable[None]]] | None = None,
+) -> None:  # fmt: skip
+    """Run several services in one process; if one fails, stop the others and re-raise."""
+    tasks = [asyncio.create_task(SERVICES[n](settings, stop), name=n) for n in names]
+    tasks += [asyncio.create_task(fn(stop), name="extra") for fn in extra or []]
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for task, result in zip(tasks, results, strict=True):
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.error("%s stopped with an error: %s", task.get_name(), result)
+            raise result

@@ -1,0 +1,105 @@
+"""A simulated fleet for `tollgate up --demo`: three hosts publishing real counter batches.
+
+Its messages are the same raw JSON any meter sends; the ledger cannot tell them apart.
+Bob runs a large-memory server, so within about a minute he crosses the demo memory quota
+and his spawn checks start being denied with the reason and the time quota returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import nats.errors
+from nats.aio.client import Client
+
+from contracts.samples import CounterBatch, CounterSample, samples_subject
+from contracts.spawn import SpawnRequest, spawn_check_subject
+
+log = logging.getLogger("tollgate.demo")
+GIB = 2**30
+
+
+@dataclass
+class SimWorkload:
+    subject: str
+    workload: str
+    mem_bytes: int
+    gpus: int
+    cpu_load: Decimal
+    egress_per_s: int
+    log_per_s: int
+    counters: dict[str, Decimal] = field(default_factory=dict)
+
+    def advance(self, seconds: Decimal) -> None:
+        add = {
+            "cpu.used.seconds": self.cpu_load * seconds,
+            "mem.alloc.byte_seconds": self.mem_bytes * seconds,
+            "net.tx.wan.bytes": Decimal(int(self.egress_per_s * seconds)),
+            "log.bytes": Decimal(int(self.log_per_s * seconds)),
+        }
+        if self.gpus:
+            add["gpu.alloc.seconds"] = self.gpus * seconds
+        for metric, amount in add.items():
+            self.counters[metric] = self.counters.get(metric, Decimal(0)) + amount
+
+
+FLEET = {
+    "demo-node-1": [SimWorkload("alice", "jupyter-alice", 4 * GIB, 0, Decimal("0.7"), 40_000, 300)],
+    "demo-node-2": [SimWorkload("bob", "jupyter-bob", 128 * GIB, 0, Decimal("3.5"), 900_000, 2000)],
+    "demo-node-3": [SimWorkload("carol", "train-carol", 64 * GIB, 2, Decimal("7.9"), 120_000, 800)],
+}
+
+
+async def run_fleet(nc: Client, prefix: str, stop: asyncio.Event, interval: float = 2.0) -> None:
+    """Publish cumulative counters for every simulated host every `interval` seconds."""
+    js = nc.jetstream()
+    epoch = uuid.uuid4().hex[:12]  # a new life of the counters each time the demo starts
+    seq = 0
+    last = datetime.now(UTC)
+    ticks = 0
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        now = datetime.now(UTC)
+        elapsed = Decimal(str(round((now - last).total_seconds(), 6)))
+        last, seq, ticks = now, seq + 1, ticks + 1
+        for host, workloads in FLEET.items():
+            for w in workloads:
+                w.advance(elapsed)
+            batch = CounterBatch(
+                host=host, epoch=epoch, seq=seq, sampled_at=now,
+                counters=[
+                    CounterSample(subject=w.subject, workload=w.workload, metric=m,
+                                  value=v.quantize(Decimal("0.000001")))
+                    for w in workloads for m, v in sorted(w.counters.items())
+                ],
+            )  # fmt: skip
+            try:
+                await js.publish(
+                    samples_subject(host, prefix), batch.to_json(),
+                    headers={"Nats-Msg-Id": batch.msg_id},
+                )  # fmt: skip
+            except (nats.errors.Error, OSError) as exc:  # the demo keeps going through outages
+                log.warning("demo: publish for %s failed (%s); next batch catches up", host, exc)
+        if ticks % 5 == 0:
+            await _spawn_checks(nc, prefix)
+
+
+async def _spawn_checks(nc: Client, prefix: str) -> None:
+    for user in ("alice", "bob", "carol"):
+        request = SpawnRequest(subject=user, workload=f"next-{user}")
+        try:
+            reply = await nc.request(spawn_check_subject(prefix), request.to_json(), timeout=2)
+        except (nats.errors.Error, OSError) as exc:
+            log.info("demo: spawn check for %s got no answer yet (%s)", user, exc)
+            continue
+        decision = json.loads(reply.data)
+        verdict = "allowed" if decision.get("allowed") else "DENIED"
+        log.info("demo: spawn check for %s: %s. %s", user, verdict, decision.get("message", ""))
