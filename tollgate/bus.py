@@ -20,18 +20,26 @@ DAY = 86_400
 
 
 async def connect(url: str, name: str) -> Client:
-    """Connect with endless reconnects: a NATS restart is an outage, not a crash."""
+    """Connect with endless reconnects: a NATS restart is an outage, not a crash.
+
+    An outage is logged once when it starts and once when it ends, not at every retry.
+    """
     nc = Client()
+    down = False
 
     async def _disconnected() -> None:
-        if not (nc.is_closed or nc.is_draining):  # our own close is not an outage
-            log.warning("%s: disconnected from NATS at %s; reconnecting", name, url)
+        nonlocal down
+        if not (nc.is_closed or nc.is_draining or down):  # our own close is not an outage
+            down = True
+            log.warning("%s: lost NATS at %s; reconnecting in the background", name, url)
 
     async def _reconnected() -> None:
+        nonlocal down
+        down = False
         log.info("%s: reconnected to NATS", name)
 
     async def _error(exc: Exception) -> None:
-        log.warning("%s: NATS error: %s", name, exc)
+        log.log(logging.DEBUG if down else logging.WARNING, "%s: NATS error: %s", name, exc)
 
     await nc.connect(
         url,

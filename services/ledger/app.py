@@ -113,8 +113,11 @@ class LedgerService:
                 # Nothing to fetch (nats-py raises its own and the builtin TimeoutError);
                 # a message that arrives late waits in the client's queue for the next fetch.
                 continue
-            except (TimeoutError, nats.errors.Error, OSError) as exc:
-                log.warning("ledger: cannot fetch from NATS (%s); retrying in %.1fs", exc, backoff)
+            except (nats.errors.Error, OSError) as exc:
+                log.warning(
+                    "ledger: cannot fetch from NATS (%s: %s); retrying in %.1fs",
+                    type(exc).__name__, exc, backoff,
+                )  # fmt: skip
                 await _sleep_or_stop(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue

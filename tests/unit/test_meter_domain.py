@@ -1,0 +1,159 @@
+"""Pure bookkeeping of `tollgate run`: sizes, exit codes, exact amounts, batches."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from decimal import Decimal
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts._base import parse_json
+from contracts.samples import CounterBatch
+from contracts.workloads import Resources
+from services.meter.domain import (
+    BatchSequence,
+    Reading,
+    UsageAccount,
+    exact,
+    exit_status,
+    new_epoch,
+    new_workload_id,
+    parse_size,
+)
+
+NOW = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1048576", 1_048_576),
+        ("0", 0),
+        ("512B", 512),
+        ("4GiB", 4 * 2**30),
+        ("4 gib", 4 * 2**30),
+        ("1.5Gi", 3 * 2**29),
+        ("512MB", 512_000_000),
+        ("2kb", 2000),
+        ("1TiB", 2**40),
+        ("0.5KiB", 512),
+    ],
+)
+def test_sizes_are_read_with_their_units(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("4G", "ambiguous"),
+        ("four", "not a size"),
+        ("-1GiB", "not a size"),
+        ("3 parsecs", "unknown unit"),
+        ("0.3B", "whole number"),
+        ("", "not a size"),
+    ],
+)
+def test_bad_sizes_are_refused_with_what_to_write(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        parse_size(text)
+
+
+@pytest.mark.parametrize(("returncode", "status"), [(0, 0), (7, 7), (-9, 137), (-15, 143)])
+def test_exit_status_follows_the_shell_convention(returncode: int, status: int) -> None:
+    assert exit_status(returncode) == status
+
+
+def test_epochs_and_workload_ids_are_fresh_each_time() -> None:
+    assert new_epoch() != new_epoch()
+    assert new_workload_id().startswith("run-")
+    assert new_workload_id() != new_workload_id()
+
+
+@pytest.mark.parametrize(
+    ("value", "amount"),
+    [(1.5, "1.5"), (0.1 + 0.2, "0.300000"), (2.9999999, "2.999999"), (12, "12"), (1e-7, "0")],
+)
+def test_readings_become_amounts_rounded_down_to_micro_units(value: float, amount: str) -> None:
+    assert exact(value) == Decimal(amount)
+
+
+def test_cumulative_counters_never_go_backwards() -> None:
+    account = UsageAccount()
+    first = account.update(Reading(at=1.0, log_bytes=100, cpu_seconds=Decimal("2.5")))
+    second = account.update(Reading(at=2.0, log_bytes=100, cpu_seconds=Decimal("2.4")))
+    assert first == {"log.bytes": 100, "cpu.used.seconds": Decimal("2.5")}
+    assert second["cpu.used.seconds"] == Decimal("2.5")
+
+
+def test_a_metric_that_stops_reporting_keeps_its_last_value() -> None:
+    account = UsageAccount()
+    account.update(Reading(at=1.0, log_bytes=1, cpu_seconds=Decimal(3)))
+    assert account.update(Reading(at=2.0, log_bytes=2))["cpu.used.seconds"] == 3
+
+
+def test_memory_is_integrated_over_time_into_byte_seconds() -> None:
+    account = UsageAccount()
+    account.update(Reading(at=0.0, log_bytes=0, mem_bytes=1000))
+    account.update(Reading(at=2.0, log_bytes=0, mem_bytes=3000))  # 2 s averaging 2000 B
+    last = account.update(Reading(at=2.5, log_bytes=0, mem_bytes=0))  # 0.5 s averaging 1500 B
+    assert last["mem.used.byte_seconds"] == Decimal(4000 + 750)
+
+
+def test_allocations_accrue_with_wall_time_only_when_requested() -> None:
+    account = UsageAccount(Resources(cpus=Decimal("1.5"), mem_bytes=2**30, gpus=0))
+    values = account.update(Reading(at=10.25, log_bytes=0))
+    assert values["cpu.alloc.seconds"] == Decimal("15.375")
+    assert values["mem.alloc.byte_seconds"] == Decimal(2**30) * Decimal("10.25")
+    assert "gpu.alloc.seconds" not in values
+    assert "cpu.alloc.seconds" not in UsageAccount().update(Reading(at=10.0, log_bytes=0))
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.floats(0, 1e6, allow_nan=False),
+            st.integers(0, 2**40),
+            st.floats(0, 1e6, allow_nan=False),
+        ),
+        max_size=20,
+    )
+)
+def test_every_published_value_is_monotonic_and_valid_on_the_wire(
+    readings: list[tuple[float, int, float]],
+) -> None:
+    account = UsageAccount(Resources(cpus=Decimal(2), mem_bytes=10**9, gpus=1))
+    sequence = BatchSequence(host="node-7", subject="alice", workload="w")
+    previous: dict[str, Decimal] = {}
+    for at, log_bytes, cpu in sorted(readings):
+        values = account.update(Reading(at, log_bytes, exact(cpu), mem_bytes=log_bytes))
+        batch = sequence.next(values, NOW)
+        assert CounterBatch.model_validate(parse_json(batch.to_json())) == batch
+        for metric, value in values.items():
+            assert value >= previous.get(metric, Decimal(0))
+        previous = values
+
+
+def test_batches_count_up_within_one_epoch_and_say_when_they_are_final() -> None:
+    sequence = BatchSequence(host="node-7", subject="alice", workload="job-1", epoch="e1")
+    first = sequence.next({"log.bytes": Decimal(5)}, NOW)
+    last = sequence.next({"log.bytes": Decimal(9), "cpu.used.seconds": Decimal("0.25")}, NOW, True)
+    assert (first.seq, first.final, last.seq, last.final) == (1, False, 2, True)
+    assert last.msg_id == "node-7:e1:2"
+    wire = json.loads(last.to_json())
+    assert wire["counters"] == [
+        {"subject": "alice", "workload": "job-1", "metric": "cpu.used.seconds", "value": 0.25,
+         "labels": {}},
+        {"subject": "alice", "workload": "job-1", "metric": "log.bytes", "value": 9,
+         "labels": {}},
+    ]  # fmt: skip
+
+
+def test_each_run_gets_its_own_epoch() -> None:
+    one = BatchSequence(host="h", subject="s", workload="w")
+    two = BatchSequence(host="h", subject="s", workload="w")
+    assert one.epoch != two.epoch
