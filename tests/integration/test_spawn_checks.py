@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from services.ledger.domain import Reading, SeriesKey
 from services.ledger.store import apply_readings
-from services.policy.app import build_broker
+from services.policy.app import build_broker, start_broker
 from services.policy.handlers import SpawnChecker
 from services.policy.source import ConfigSource
 from tests.conftest import unique
@@ -56,7 +56,7 @@ async def broker_for(servers, prefix: str) -> AsyncIterator:
 
     async def start(checker: SpawnChecker) -> NatsBroker:
         broker = build_broker(servers.nats_url, prefix, checker)
-        await broker.start()
+        await start_broker(broker)
         started.append(broker)
         return broker
 
