@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
@@ -197,8 +198,6 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
     def _no_constants(name: str) -> Any:
         raise PayloadError(f"{name} is not a number a counter can hold")
-
-    import json
 
     try:
         data = json.loads(body, parse_float=Decimal, parse_constant=_no_constants)

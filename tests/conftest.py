@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -10,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import nats
+import nats.errors
 import pytest
 
 from tests.servers import TestServers, test_servers
@@ -74,7 +76,7 @@ async def nc(servers: TestServers, prefix: str) -> AsyncIterator[nats.aio.client
         yield client
     finally:
         js = client.jetstream()
-        with __import__("contextlib").suppress(Exception):
+        with contextlib.suppress(nats.errors.Error, OSError):
             for info in await js.streams_info():
                 if info.config.name.startswith(prefix.upper() + "_"):
                     await js.delete_stream(info.config.name)

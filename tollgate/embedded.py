@@ -306,7 +306,3 @@ class EmbeddedPostgres:
     def stop(self) -> None:
         # SIGINT is Postgres's "fast" shutdown: roll back clients, checkpoint, exit.
         _stop(self.proc, signal.SIGINT, 30)
-
-    def stop_immediate(self) -> None:
-        """`pg_ctl stop -m immediate`: no checkpoint, crash recovery on next start."""
-        _stop(self.proc, signal.SIGQUIT, 10)

@@ -68,6 +68,14 @@ class UsageDelta:
     reset: bool
     labels: Mapping[str, str]
 
+    def chained(self, seq: int) -> ChainedEvent:
+        """The event this delta becomes at ledger sequence `seq`, as the hash sees it."""
+        k = self.key
+        return ChainedEvent(
+            seq, k.host, k.epoch, k.subject, k.workload, k.metric,
+            self.delta, self.window_start, self.window_end, self.reset,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True)
 class Outcome:

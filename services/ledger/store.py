@@ -12,6 +12,7 @@ from decimal import Decimal
 import asyncpg
 
 from .domain import (
+    GENESIS_HASH,
     ChainedEvent,
     Reading,
     SeriesKey,
@@ -169,21 +170,7 @@ async def apply_readings(
         if usage:
             batch_id = head["last_batch"] + 1
             first_seq = head["last_seq"] + 1
-            chained = [
-                ChainedEvent(
-                    first_seq + i,
-                    u.key.host,
-                    u.key.epoch,
-                    u.key.subject,
-                    u.key.workload,
-                    u.key.metric,
-                    u.delta,
-                    u.window_start,
-                    u.window_end,
-                    u.reset,
-                )
-                for i, u in enumerate(usage)
-            ]
+            chained = [u.chained(first_seq + i) for i, u in enumerate(usage)]
             digest = batch_hash(head["last_hash"], batch_id, chained)
             last_seq = first_seq + len(usage) - 1
             await conn.execute(
@@ -260,8 +247,6 @@ class ChainVerdict:
 
 async def verify_chain(conn: asyncpg.Connection) -> ChainVerdict:
     """Recompute every batch hash from the events and compare with what was recorded."""
-    from .domain import GENESIS_HASH
-
     prev = GENESIS_HASH
     batches = events = 0
     expected_batch = 1

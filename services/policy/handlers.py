@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from dataclasses import dataclass, field
@@ -113,8 +114,6 @@ class SpawnChecker:
 
 def error_reply(message: str) -> bytes:
     """The reply to a request that could not be parsed."""
-    import json
-
     return json.dumps(
         {
             "schema": "tollgate.error.v1",

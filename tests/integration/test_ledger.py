@@ -25,24 +25,20 @@ async def publish(nc: Client, prefix: str, host: str, body: bytes, msg_id: str |
     return await nc.jetstream().publish(samples_subject(host, prefix), body, headers=headers)
 
 
+async def send(
+    nc: Client, prefix: str, host: str, seq: int, subject: str, metric: str, value: object,
+    epoch: str = "e1",
+) -> None:  # fmt: skip
+    """One reading of one series, as a raw batch without a Msg-Id (so only the ledger dedupes)."""
+    await publish(nc, prefix, host, batch_json(host, epoch, seq, [counter(subject, metric, value)]))
+
+
 async def test_cumulative_samples_fold_into_exact_deltas(
     nc: Client, prefix: str, pool: asyncpg.Pool, ledger: LedgerService
 ) -> None:
     host, alice = unique("host"), unique("alice")
     for seq, value in enumerate(["10.5", "10.5", "25.25", "100.000001"], start=1):
-        await publish(
-            nc,
-            prefix,
-            host,
-            batch_json(
-                host,
-                "e1",
-                seq,
-                [
-                    counter(alice, "cpu.used.seconds", value),
-                ],
-            ),
-        )
+        await send(nc, prefix, host, seq, alice, "cpu.used.seconds", value)
 
     async def done() -> bool:
         return await total(pool, alice, "cpu.used.seconds") == Decimal("100.000001")
@@ -67,32 +63,8 @@ async def test_redelivered_and_stale_samples_add_nothing(
     for _ in range(3):
         await publish(nc, prefix, host, body)
     # An older reading arrives late, with a lower value: stale, not a reset.
-    await publish(
-        nc,
-        prefix,
-        host,
-        batch_json(
-            host,
-            "e1",
-            1,
-            [
-                counter(bob, "net.tx.wan.bytes", 1000),
-            ],
-        ),
-    )
-    await publish(
-        nc,
-        prefix,
-        host,
-        batch_json(
-            host,
-            "e1",
-            3,
-            [
-                counter(bob, "net.tx.wan.bytes", 7000),
-            ],
-        ),
-    )
+    await send(nc, prefix, host, 1, bob, "net.tx.wan.bytes", 1000)
+    await send(nc, prefix, host, 3, bob, "net.tx.wan.bytes", 7000)
 
     async def caught_up() -> bool:
         pos = await pool.fetchval("SELECT stream_seq FROM consumer_positions")
@@ -108,19 +80,7 @@ async def test_a_counter_that_drops_is_a_reset_counted_from_zero(
 ) -> None:
     host, carol = unique("host"), unique("carol")
     for seq, value in [(1, 800), (2, 900), (3, 40), (4, 90)]:
-        await publish(
-            nc,
-            prefix,
-            host,
-            batch_json(
-                host,
-                "e1",
-                seq,
-                [
-                    counter(carol, "log.bytes", value),
-                ],
-            ),
-        )
+        await send(nc, prefix, host, seq, carol, "log.bytes", value)
     # A new epoch restarts from zero too, without being a reset.
     await publish(nc, prefix, host, batch_json(host, "e2", 1, [counter(carol, "log.bytes", 15)]))
 
@@ -157,19 +117,7 @@ async def test_bad_messages_become_dead_letters_and_good_ones_keep_flowing(
     assert body is not None
     dlq_sub = await nc.jetstream().subscribe(dlq_wildcard(prefix), stream=dlq_stream(prefix))
     bad = await publish(nc, prefix, host, body)
-    await publish(
-        nc,
-        prefix,
-        host,
-        batch_json(
-            host,
-            "e1",
-            2,
-            [
-                counter(dave, "cpu.used.seconds", 7),
-            ],
-        ),
-    )
+    await send(nc, prefix, host, 2, dave, "cpu.used.seconds", 7)
 
     dead = await dlq_sub.next_msg(timeout=30)
     assert dead.subject.endswith(f".dlq.{reason}")
@@ -208,19 +156,7 @@ async def test_tampering_is_detected_at_the_first_bad_batch(
 ) -> None:
     host, frank = unique("host"), unique("frank")
     for seq in range(1, 6):
-        await publish(
-            nc,
-            prefix,
-            host,
-            batch_json(
-                host,
-                "e1",
-                seq,
-                [
-                    counter(frank, "log.bytes", seq * 100),
-                ],
-            ),
-        )
+        await send(nc, prefix, host, seq, frank, "log.bytes", seq * 100)
 
         async def committed(seq: int = seq) -> bool:
             return await total(pool, frank, "log.bytes") == seq * 100
