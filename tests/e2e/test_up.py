@@ -156,9 +156,9 @@ async def test_up_runs_everything_embedded_and_keeps_data_across_restarts(
 
 
 async def test_services_run_one_by_one_against_external_servers_in_any_order(
-    servers: TestServers, database_url: str, tmp_path: Path, procs: list
+    servers: TestServers, database_url: str, tmp_path: Path, procs: list, prefix: str, nc
 ) -> None:
-    prefix, port = unique("e"), free_port()
+    port = free_port()  # `nc` deletes this test's streams afterwards
     env = {
         "TOLLGATE_NATS_URL": servers.nats_url, "TOLLGATE_DATABASE_URL": database_url,
         "TOLLGATE_PREFIX": prefix, "TOLLGATE_API_PORT": str(port),
@@ -187,9 +187,9 @@ async def test_services_run_one_by_one_against_external_servers_in_any_order(
 
 
 async def test_up_with_external_servers_starts_nothing_embedded(
-    servers: TestServers, database_url: str, tmp_path: Path, procs: list
+    servers: TestServers, database_url: str, tmp_path: Path, procs: list, prefix: str, nc
 ) -> None:
-    prefix, port = unique("u"), free_port()
+    port = free_port()  # `nc` deletes this test's streams afterwards
     env = {
         "TOLLGATE_NATS_URL": servers.nats_url, "TOLLGATE_DATABASE_URL": database_url,
         "TOLLGATE_PREFIX": prefix, "TOLLGATE_API_PORT": str(port),
