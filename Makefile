@@ -6,9 +6,24 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit integration e2e bench clean
+.PHONY: install system-deps run test lint typecheck unit integration e2e bench clean
 
-install: $(STAMP)
+# Debian packages the meter uses (iptables/ip6tables accounting, network namespaces).
+# Installed when missing and we may (root with apt-get); elsewhere the tests that need
+# them skip with the reason.
+SYSTEM_TOOLS := iptables ip6tables iptables-save ip
+system-deps:
+	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing iptables and iproute2 (Debian packages) for the meter"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 >/dev/null; \
+	  else \
+	    echo "Note: iptables/iproute2 missing and not installable here; network metering tests will skip"; \
+	  fi; \
+	fi
+
+install: $(STAMP) system-deps
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Tollgate needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
