@@ -12,6 +12,7 @@ import asyncpg
 from nats.aio.client import Client
 
 from services.ledger.app import LedgerService
+from services.ledger.feed import UsageFeed
 from services.policy.app import build_broker, start_broker
 from services.policy.handlers import SpawnChecker
 from services.policy.source import ConfigSource
@@ -68,8 +69,9 @@ async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
             fetch_timeout=settings.ledger_fetch_timeout,
             max_payload=settings.max_payload_bytes,
         )  # fmt: skip
+        feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
         log.info("ledger consuming %s samples", settings.prefix)
-        await service.run(stop)
+        await asyncio.gather(service.run(stop), feed.run(stop, service.committed))
     finally:
         # close, not drain: draining a pull subscription waits out nats-py's 30 s timeout,
         # and anything fetched but not committed is simply redelivered.

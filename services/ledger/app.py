@@ -82,6 +82,8 @@ class LedgerService:
         self.fetch_timeout = fetch_timeout
         self.max_payload = max_payload
         self.stats = LedgerStats()
+        # Set after every commit that appended events: wakes the usage feed publisher.
+        self.committed = asyncio.Event()
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def subscribe(self) -> None:
@@ -150,6 +152,8 @@ class LedgerService:
         self.stats.events += len(result.events)
         self.stats.resets += result.resets
         self.stats.last_commit_monotonic = time.monotonic()
+        if result.events:
+            self.committed.set()
         for event in result.events:
             if event.usage.reset:
                 k = event.usage.key

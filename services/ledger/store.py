@@ -12,8 +12,6 @@ from decimal import Decimal
 import asyncpg
 
 from .domain import (
-    GENESIS_HASH,
-    ChainedEvent,
     Reading,
     SeriesKey,
     SeriesState,
@@ -168,6 +166,8 @@ async def apply_readings(
         now = datetime.now(UTC)
         committed: list[CommittedEvent] = []
         if usage:
+            # The month's partition, created by the first batch of the month (cheap check).
+            await conn.execute("SELECT tollgate_usage_partition($1)", now)
             batch_id = head["last_batch"] + 1
             first_seq = head["last_seq"] + 1
             chained = [u.chained(first_seq + i) for i, u in enumerate(usage)]
@@ -233,86 +233,3 @@ async def apply_readings(
             now,
         )
     return BatchResult(committed, len(changed), sum(1 for u in usage if u.reset))
-
-
-@dataclass(frozen=True)
-class ChainVerdict:
-    ok: bool
-    batches: int
-    events: int
-    head_hash: str
-    first_bad_batch: int | None = None
-    problem: str | None = None
-
-
-async def verify_chain(conn: asyncpg.Connection) -> ChainVerdict:
-    """Recompute every batch hash from the events and compare with what was recorded."""
-    prev = GENESIS_HASH
-    batches = events = 0
-    expected_batch = 1
-    async with conn.transaction(isolation="repeatable_read", readonly=True):
-        cursor = conn.cursor(
-            """SELECT b.batch_id, b.prev_hash, b.hash, b.event_count,
-                      array_agg(e.seq ORDER BY e.seq) AS seqs,
-                      array_agg(e.host ORDER BY e.seq) AS hosts,
-                      array_agg(e.epoch ORDER BY e.seq) AS epochs,
-                      array_agg(e.subject ORDER BY e.seq) AS subjects,
-                      array_agg(e.workload ORDER BY e.seq) AS workloads,
-                      array_agg(e.metric ORDER BY e.seq) AS metrics,
-                      array_agg(e.delta ORDER BY e.seq) AS deltas,
-                      array_agg(e.window_start ORDER BY e.seq) AS starts,
-                      array_agg(e.window_end ORDER BY e.seq) AS ends,
-                      array_agg(e.reset ORDER BY e.seq) AS resets
-               FROM ledger_batches b LEFT JOIN usage_events e USING (batch_id)
-               GROUP BY b.batch_id ORDER BY b.batch_id""",
-            prefetch=200,
-        )
-        async for row in cursor:
-            bid = row["batch_id"]
-            seqs = [s for s in row["seqs"] if s is not None]
-            if bid != expected_batch:
-                return ChainVerdict(False, batches, events, prev, bid, "batch ids have a gap")
-            if row["prev_hash"] != prev:
-                return ChainVerdict(
-                    False, batches, events, prev, bid, "prev_hash does not match the chain"
-                )
-            if len(seqs) != row["event_count"]:
-                return ChainVerdict(
-                    False,
-                    batches,
-                    events,
-                    prev,
-                    bid,
-                    f"batch records {row['event_count']} events, {len(seqs)} found",
-                )
-            chained = [
-                ChainedEvent(*fields)
-                for fields in zip(
-                    seqs,
-                    row["hosts"],
-                    row["epochs"],
-                    row["subjects"],
-                    row["workloads"],
-                    row["metrics"],
-                    row["deltas"],
-                    row["starts"],
-                    row["ends"],
-                    row["resets"],
-                    strict=True,
-                )
-            ]
-            digest = batch_hash(prev, bid, chained)
-            if digest != row["hash"]:
-                return ChainVerdict(
-                    False, batches, events, prev, bid, "events do not hash to the recorded hash"
-                )
-            prev = digest
-            batches += 1
-            events += len(seqs)
-            expected_batch += 1
-        head = await conn.fetchrow("SELECT last_hash, last_batch FROM ledger_head WHERE id = 1")
-        if head is not None and head["last_hash"] != prev:
-            return ChainVerdict(
-                False, batches, events, prev, head["last_batch"], "head hash does not match"
-            )
-    return ChainVerdict(True, batches, events, prev)

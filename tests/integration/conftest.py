@@ -14,6 +14,7 @@ import pytest
 from nats.aio.client import Client
 
 from services.ledger.app import LedgerService
+from services.ledger.feed import UsageFeed
 from tollgate.bus import ensure_streams
 
 
@@ -29,14 +30,19 @@ async def ledger(
     """A ledger consuming this test's samples in the background."""
     service = LedgerService(nc, pool, prefix=prefix, batch=500, fetch_timeout=0.2)
     await service.subscribe()
+    feed = UsageFeed(nc.jetstream(), pool, prefix)
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
+    tasks = [
+        asyncio.create_task(service.run(stop)),
+        asyncio.create_task(feed.run(stop, service.committed)),
+    ]
     try:
         yield service
     finally:
         stop.set()
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait_for(task, 10)
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
 
 
 def batch_json(

@@ -10,7 +10,7 @@ from nats.aio.client import Client
 
 from contracts.dlq import REASON_HEADER, STREAM_SEQ_HEADER, dlq_stream, dlq_wildcard
 from contracts.samples import samples_subject
-from services.ledger import store
+from services.ledger import replay
 from services.ledger.app import LedgerService
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import batch_json, total
@@ -163,7 +163,7 @@ async def test_tampering_is_detected_at_the_first_bad_batch(
 
         await wait_until(committed, what=f"batch {seq}")
     async with pool.acquire() as conn:
-        verdict = await store.verify_chain(conn)
+        verdict = await replay.verify_chain(conn)
         assert verdict.ok and verdict.events == 5
         # An attacker with superuser rights bypasses the trigger and edits history.
         async with conn.transaction():
@@ -171,7 +171,7 @@ async def test_tampering_is_detected_at_the_first_bad_batch(
             await conn.execute(
                 "UPDATE usage_events SET delta = 1 WHERE subject = $1 AND sample_seq = 3", frank
             )
-        verdict = await store.verify_chain(conn)
+        verdict = await replay.verify_chain(conn)
     assert not verdict.ok
     assert verdict.first_bad_batch == 3
     assert verdict.batches == 2

@@ -1,0 +1,118 @@
+"""`tollgate replay`: read the ledger in order, verify its hash chain, rebuild its projections."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from services.ledger.replay import events_after, rebuild_rollups, verify_chain
+from tollgate.settings import Settings
+
+console = Console(stderr=True)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f") if value else "0"
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
+
+
+async def _connect() -> asyncpg.Connection:
+    s = Settings().with_endpoints()
+    if not s.database_url:
+        raise SystemExit(
+            "Tollgate does not know where Postgres is: start the stack with `tollgate up` "
+            "(it writes .tollgate/endpoints.json) or set TOLLGATE_DATABASE_URL."
+        )
+    return await asyncpg.connect(s.database_url, server_settings={"timezone": "UTC"})
+
+
+async def _dump(after: int, limit: int | None) -> int:
+    conn = await _connect()
+    try:
+        out = sys.stdout
+        async for event in events_after(conn, after, limit):
+            event["labels"] = json.loads(event["labels"]) if event["labels"] else {}
+            out.write(json.dumps({k: _plain(v) for k, v in event.items()}) + "\n")
+        return 0
+    finally:
+        await conn.close()
+
+
+async def _verify() -> int:
+    conn = await _connect()
+    try:
+        total = await conn.fetchval("SELECT last_seq FROM ledger_head WHERE id = 1") or 0
+        with Progress(
+            TextColumn("verifying hash chain"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), console=console, transient=True,
+        ) as bar:  # fmt: skip
+            task = bar.add_task("verify", total=total)
+            verdict = await verify_chain(conn, lambda n: bar.advance(task, n))
+    finally:
+        await conn.close()
+    if verdict.ok:
+        console.print(
+            f"[green]OK[/]: {verdict.batches} batches, {verdict.events} events; "
+            f"head hash {verdict.head_hash}"
+        )
+        return 0
+    console.print(
+        f"[red]TAMPERED[/]: batch {verdict.first_bad_batch} is the first that does not hold: "
+        f"{verdict.problem}. The {verdict.batches} batches before it verify "
+        f"({verdict.events} events). Restore that batch's events from a backup or the usage "
+        "feed, and find out who could write to the database."
+    )
+    return 1
+
+
+async def _rebuild(check_only: bool) -> int:
+    conn = await _connect()
+    try:
+        with console.status("rebuilding hourly rollups from the events"):
+            result = await rebuild_rollups(conn, apply=not check_only)
+    finally:
+        await conn.close()
+    if result.identical:
+        console.print(f"[green]identical[/]: {result.rows} rollup rows match the events")
+        return 0
+    what = "would change" if check_only else "rebuilt"
+    console.print(
+        f"[yellow]{what}[/]: {result.missing} rows were missing or different and "
+        f"{result.extra} rows had no events behind them ({result.rows} rows now)"
+    )
+    return 1 if check_only else 0
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def replay(
+        after: int = typer.Option(0, help="print events with a ledger sequence above this"),
+        limit: int | None = typer.Option(None, min=1, help="at most this many events"),
+        verify: bool = typer.Option(False, "--verify", help="recompute the hash chain"),
+        rebuild: bool = typer.Option(
+            False, "--rebuild", help="rebuild the hourly rollups from the events"
+        ),
+        check: bool = typer.Option(
+            False, "--check", help="with --rebuild: compare only, change nothing"
+        ),
+    ) -> None:
+        """Print ledger events as NDJSON in order, or verify / rebuild the ledger."""
+        if verify:
+            code = asyncio.run(_verify())
+        elif rebuild:
+            code = asyncio.run(_rebuild(check))
+        else:
+            code = asyncio.run(_dump(after, limit))
+        raise typer.Exit(code)
