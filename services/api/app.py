@@ -20,7 +20,7 @@ from tollgate.settings import Settings
 from . import errors
 from .deps import ApiDeps, AuthKeys
 from .errors import ApiStartupError
-from .routes import health, quotas, usage
+from .routes import audit, health, quotas, usage
 
 DESCRIPTION = """Usage and quotas of Tollgate subjects.
 
@@ -46,7 +46,7 @@ def create_app(settings: Settings, deps: ApiDeps | None = None) -> FastAPI:
         )
     app.state.keys = AuthKeys(token_secret=secret, admin_token=settings.resolved_admin_token())
     errors.install(app)
-    for module in (health, usage, quotas):
+    for module in (health, usage, quotas, audit):
         app.include_router(module.router)
     return app
 

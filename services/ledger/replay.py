@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 import asyncpg
@@ -144,3 +147,19 @@ async def events_after(
         )
         async for row in cursor:
             yield dict(row)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return format(value.normalize(), "f") if value else "0"
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    return value
+
+
+def event_line(event: dict[str, Any]) -> str:
+    """One event as an NDJSON line: exact decimals as strings, UTC times, labels as JSON."""
+    fields = {k: _plain(v) for k, v in event.items()}
+    labels = fields.get("labels")
+    fields["labels"] = json.loads(labels) if isinstance(labels, str) else (labels or {})
+    return json.dumps(fields) + "\n"

@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
-from datetime import datetime
-from decimal import Decimal
-from typing import Any
 
 import asyncpg
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from services.ledger.replay import events_after, rebuild_rollups, verify_chain
+from services.ledger.replay import event_line, events_after, rebuild_rollups, verify_chain
 from tollgate.settings import Settings
 
 console = Console(stderr=True)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Decimal):
-        return format(value.normalize(), "f") if value else "0"
-    if isinstance(value, datetime):
-        return value.isoformat().replace("+00:00", "Z")
-    return value
 
 
 async def _connect() -> asyncpg.Connection:
@@ -43,8 +31,7 @@ async def _dump(after: int, limit: int | None) -> int:
     try:
         out = sys.stdout
         async for event in events_after(conn, after, limit):
-            event["labels"] = json.loads(event["labels"]) if event["labels"] else {}
-            out.write(json.dumps({k: _plain(v) for k, v in event.items()}) + "\n")
+            out.write(event_line(event))
         return 0
     finally:
         await conn.close()
