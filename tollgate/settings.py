@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     admin_token: str | None = None
     token_secret: str | None = None
     host: str | None = Field(default=None, description="this host's name, for meters")
+    metrics_port: int | None = Field(
+        default=None, description="serve Prometheus /metrics here (standalone services)"
+    )
     # Ledger tuning.
     ledger_batch: int = Field(default=1000, ge=1, le=10_000)
     ledger_fetch_timeout: float = Field(default=0.5, gt=0)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
-from dataclasses import dataclass, field
 
 import asyncpg
 import nats.errors
@@ -24,7 +22,7 @@ from contracts.dlq import (
 )
 from contracts.samples import samples_stream, samples_wildcard
 
-from . import store
+from . import metrics, store
 from .domain import Reading, readings
 from .errors import DeadLetter
 from .handlers import parse_sample_message
@@ -44,19 +42,6 @@ TRANSIENT = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
 )
-
-
-@dataclass
-class LedgerStats:
-    """Counters the ledger keeps about itself (for logs and /metrics)."""
-
-    messages: int = 0
-    batches_committed: int = 0
-    events: int = 0
-    resets: int = 0
-    dead_letters: int = 0
-    retries: int = 0
-    last_commit_monotonic: float = field(default_factory=time.monotonic)
 
 
 class LedgerService:
@@ -81,7 +66,6 @@ class LedgerService:
         self.batch = batch
         self.fetch_timeout = fetch_timeout
         self.max_payload = max_payload
-        self.stats = LedgerStats()
         # Set after every commit that appended events: wakes the usage feed publisher.
         self.committed = asyncio.Event()
         self._sub: JetStreamContext.PullSubscription | None = None
@@ -128,10 +112,10 @@ class LedgerService:
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event | None = None) -> None:
         """Fold one fetched batch: dead letters out, the rest committed, then acked."""
+        metrics.MESSAGES.inc(len(msgs))
         good: list[Msg] = []
         items: list[Reading] = []
         for msg in msgs:
-            self.stats.messages += 1
             stream_seq = msg.metadata.sequence.stream
             try:
                 batch = parse_sample_message(msg.subject, msg.data, self.max_payload)
@@ -143,15 +127,16 @@ class LedgerService:
         if not good:
             return
         last_stream_seq = max(m.metadata.sequence.stream for m in good)
-        result = await self._commit(items, last_stream_seq, good, stop)
+        with metrics.COMMIT_SECONDS.time():
+            result = await self._commit(items, last_stream_seq, good, stop)
         if result is None:
             return  # stopping: the messages will be redelivered and fold to the same result
         for msg in good:
             await msg.ack()
-        self.stats.batches_committed += 1
-        self.stats.events += len(result.events)
-        self.stats.resets += result.resets
-        self.stats.last_commit_monotonic = time.monotonic()
+        metrics.POINTS.inc(len(items))
+        metrics.EVENTS.inc(len(result.events))
+        metrics.RESETS.inc(result.resets)
+        metrics.LAST_COMMIT.set_to_current_time()
         if result.events:
             self.committed.set()
         for event in result.events:
@@ -182,7 +167,7 @@ class LedgerService:
                 async with self.pool.acquire() as conn:
                     return await store.apply_readings(conn, self.consumer, items, last_stream_seq)
             except TRANSIENT as exc:
-                self.stats.retries += 1
+                metrics.COMMIT_RETRIES.inc()
                 log.warning(
                     "ledger: commit failed (%s: %s); retrying the same %d messages in %.1fs",
                     type(exc).__name__,
@@ -214,7 +199,7 @@ class LedgerService:
         body = msg.data if len(msg.data) <= 900_000 else msg.data[:900_000]
         await self.js.publish(dlq_subject(dead.reason, self.prefix), body, headers=headers)
         await msg.term()
-        self.stats.dead_letters += 1
+        metrics.DEAD_LETTERS.labels(dead.reason.value).inc()
         log.warning(
             "dead letter %s (stream seq %d on %s): %s",
             dead.reason.value,

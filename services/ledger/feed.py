@@ -21,6 +21,7 @@ from nats.js import JetStreamContext
 
 from contracts.usage import UsageRecorded, usage_subject
 
+from . import metrics
 from .app import TRANSIENT
 
 log = logging.getLogger("tollgate.ledger.feed")
@@ -100,6 +101,7 @@ class UsageFeed:
         if failed is not None:
             raise failed
         self.published += done - position
+        metrics.FEED_PUBLISHED.inc(done - position)
         return int(done - position)
 
     async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:

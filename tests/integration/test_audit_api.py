@@ -12,11 +12,14 @@ import httpx
 import pytest
 from nats.aio.client import Client
 
+from contracts.samples import samples_subject
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.tokens import Role, issue_token
 from services.policy.config import parse_config
 from services.policy.source import ConfigSource
+from tests.conftest import unique, wait_until
+from tests.integration.conftest import batch_json
 from tests.integration.test_replay import seed
 from tollgate.settings import Settings
 
@@ -85,3 +88,27 @@ async def test_users_and_integrators_may_not_read_the_whole_ledger(
 async def test_bad_event_ranges_are_422(client: httpx.AsyncClient, params: dict) -> None:
     r = await client.get("/v1/events", params=params, headers=token(Role.AUDITOR))
     assert r.status_code == 422
+
+
+async def test_metrics_count_what_the_ledger_folded(
+    nc, prefix: str, pool: asyncpg.Pool, ledger, client: httpx.AsyncClient
+) -> None:
+    def value(text: str, name: str) -> float:
+        line = next(x for x in text.splitlines() if x.startswith(name + " "))
+        return float(line.split()[1])
+
+    before = (await client.get("/metrics")).text
+    host, subject = unique("h"), unique("s")
+    counters = [{"subject": subject, "workload": "w", "metric": "log.bytes", "value": 9}]
+    await nc.jetstream().publish(samples_subject(host, prefix), batch_json(host, "e", 1, counters))
+    await nc.jetstream().publish(samples_subject(host, prefix), b"not json")
+
+    async def counted() -> bool:
+        text = (await client.get("/metrics")).text
+        return (
+            value(text, "tollgate_ledger_events_total")
+            > value(before, "tollgate_ledger_events_total")
+            and 'reason="invalid_json"' in text
+        )
+
+    await wait_until(counted, what="ledger metrics on /metrics")

@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import typer
+from prometheus_client import start_http_server
 
 from services.api.errors import ApiStartupError
 from tollgate import bootstrap, logs
@@ -19,6 +20,9 @@ def _run_one(name: str, config: Path | None = None) -> None:
         settings = settings.model_copy(update={"config": config})
     nats_url, database_url = settings.require_servers()
     settings = settings.model_copy(update={"nats_url": nats_url, "database_url": database_url})
+
+    if settings.metrics_port and name != "api":  # the api serves /metrics itself
+        start_http_server(settings.metrics_port, addr=settings.api_host)
 
     async def main() -> None:
         stop = asyncio.Event()
