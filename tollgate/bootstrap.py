@@ -14,10 +14,10 @@ from nats.aio.client import Client
 from services.ledger.app import LedgerService
 from services.ledger.feed import UsageFeed
 from services.policy.app import build_broker, start_broker
-from services.policy.handlers import SpawnChecker
+from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
 from tollgate.bus import connect, ensure_streams
-from tollgate.db import connect_and_migrate
+from tollgate.db import connect_and_migrate, create_pool, migrate
 from tollgate.settings import Settings
 
 log = logging.getLogger("tollgate")
@@ -67,7 +67,7 @@ async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
         service = LedgerService(
             nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
             fetch_timeout=settings.ledger_fetch_timeout,
-            max_payload=settings.max_payload_bytes,
+            max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
         )  # fmt: skip
         feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
         log.info("ledger consuming %s samples", settings.prefix)
@@ -80,27 +80,34 @@ async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
-    """The policy: spawn checks answered from the ledger's numbers."""
-    assert settings.nats_url
-    nc = await open_nats(settings, "tollgate-policy", stop)
-    await nc.close()
-    pool = await open_pool(settings, stop)
+    """The policy: spawn checks, terminations, blocks and warnings from live usage."""
+    assert settings.nats_url and settings.database_url
     config = ConfigSource.load(settings.config)
-    checker = SpawnChecker(pool, config)
-    broker = build_broker(settings.nats_url, settings.prefix, checker)
+    nc = await open_nats(settings, "tollgate-policy", stop)
+    # Connects lazily: spawn checks are answered (by failure_mode) even while Postgres is away.
+    pool = await create_pool(settings.database_url, min_size=0)
+    service = PolicyService(nc, pool, config, settings.prefix)
+    broker = build_broker(settings.nats_url, settings.prefix, service.checker)
+
+    async def migrated() -> None:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, config.reload)
     try:
         await start_broker(broker)
+        await _retry("Postgres", migrated, stop)
         log.info(
-            "policy answering spawn checks with %d quotas (version %s%s)",
+            "policy enforcing %d quotas (version %s%s)",
             len(config.current().quotas), config.version,
             f", from {settings.config}" if settings.config else ", no quota file configured",
         )  # fmt: skip
-        await stop.wait()
+        await service.run(stop)
     finally:
         await broker.stop()
+        await nc.close()
         await pool.close()
 
 

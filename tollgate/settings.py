@@ -33,6 +33,7 @@ class Settings(BaseSettings):
     # Ledger tuning.
     ledger_batch: int = Field(default=1000, ge=1, le=10_000)
     ledger_fetch_timeout: float = Field(default=0.5, gt=0)
+    ledger_ack_wait: float = Field(default=30.0, ge=1, le=3600)
     duplicate_window_seconds: int = Field(default=20 * 60, ge=1)
     max_payload_bytes: int = Field(default=1 << 20, ge=1024)
 

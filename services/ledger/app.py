@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 
 import asyncpg
 import nats.errors
@@ -28,6 +29,7 @@ from .errors import DeadLetter
 from .handlers import parse_sample_message
 
 log = logging.getLogger("tollgate.ledger")
+FAILPOINT_EXIT_AFTER_COMMIT = "TOLLGATE_FAILPOINT_EXIT_AFTER_COMMIT"
 
 # Faults that go away by themselves: wait and try the same batch again.
 TRANSIENT = (
@@ -57,6 +59,7 @@ class LedgerService:
         batch: int = 1000,
         fetch_timeout: float = 0.5,
         max_payload: int = 1 << 20,
+        ack_wait: float = 30.0,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -66,25 +69,32 @@ class LedgerService:
         self.batch = batch
         self.fetch_timeout = fetch_timeout
         self.max_payload = max_payload
+        self.ack_wait = ack_wait
         # Set after every commit that appended events: wakes the usage feed publisher.
         self.committed = asyncio.Event()
+        # Failpoint for crash tests: die right after the Nth commit, before its acks.
+        self._exit_after_commits = int(os.environ.get(FAILPOINT_EXIT_AFTER_COMMIT, "0"))
+        self._commits = 0
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def subscribe(self) -> None:
-        """Bind the durable pull consumer (created on first start)."""
-        self._sub = await self.js.pull_subscribe(
-            samples_wildcard(self.prefix),
-            durable=self.consumer,
-            stream=samples_stream(self.prefix),
-            config=ConsumerConfig(
+        """Create or update the durable pull consumer, then bind to it."""
+        stream = samples_stream(self.prefix)
+        await self.js.add_consumer(  # create-or-update: a changed ack_wait takes effect
+            stream,
+            ConsumerConfig(
                 durable_name=self.consumer,
+                filter_subject=samples_wildcard(self.prefix),
                 ack_policy=AckPolicy.EXPLICIT,
                 deliver_policy=DeliverPolicy.ALL,
-                ack_wait=60,
+                # How soon a message whose ack was lost (crash, NATS restart) comes back.
+                # Commits that wait on Postgres keep their messages with in_progress().
+                ack_wait=self.ack_wait,
                 max_deliver=-1,
                 max_ack_pending=50_000,
             ),
         )
+        self._sub = await self.js.pull_subscribe_bind(durable=self.consumer, stream=stream)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set. Faults are retried with backoff, never fatal."""
@@ -131,6 +141,10 @@ class LedgerService:
             result = await self._commit(items, last_stream_seq, good, stop)
         if result is None:
             return  # stopping: the messages will be redelivered and fold to the same result
+        self._commits += 1
+        if self._commits == self._exit_after_commits:
+            log.warning("failpoint %s: exiting between commit and ack", FAILPOINT_EXIT_AFTER_COMMIT)
+            os._exit(137)
         for msg in good:
             await msg.ack()
         metrics.POINTS.inc(len(items))

@@ -48,9 +48,14 @@ def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
     yield started
     for p in started:
+        # Ctrl-C first: a SIGKILLed `tollgate up` would leave its embedded servers running.
         if p.poll() is None:
-            p.kill()
-            p.wait(10)
+            p.send_signal(signal.SIGINT)
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
 
 
 async def publish_raw(nats_url: str, prefix: str, host: str, seq: int, subject: str, value: int):

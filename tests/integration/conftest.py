@@ -17,6 +17,9 @@ from services.ledger.app import LedgerService
 from services.ledger.feed import UsageFeed
 from tollgate.bus import ensure_streams
 
+# Small, so an oversize message stays under any NATS server's own max_payload (1 MB default).
+MAX_PAYLOAD = 64 * 1024
+
 
 @pytest.fixture
 async def streams(nc: Client, prefix: str) -> None:
@@ -28,7 +31,9 @@ async def ledger(
     nc: Client, pool: asyncpg.Pool, prefix: str, streams: None
 ) -> AsyncIterator[LedgerService]:
     """A ledger consuming this test's samples in the background."""
-    service = LedgerService(nc, pool, prefix=prefix, batch=500, fetch_timeout=0.2)
+    service = LedgerService(
+        nc, pool, prefix=prefix, batch=500, fetch_timeout=0.2, max_payload=MAX_PAYLOAD
+    )
     await service.subscribe()
     feed = UsageFeed(nc.jetstream(), pool, prefix)
     stop = asyncio.Event()

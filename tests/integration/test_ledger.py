@@ -9,11 +9,12 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.dlq import REASON_HEADER, STREAM_SEQ_HEADER, dlq_stream, dlq_wildcard
-from contracts.samples import samples_subject
+from contracts.samples import samples_stream, samples_subject
 from services.ledger import replay
 from services.ledger.app import LedgerService
 from tests.conftest import unique, wait_until
-from tests.integration.conftest import batch_json, total
+from tests.integration.conftest import MAX_PAYLOAD, batch_json, total
+from tollgate.bus import ensure_streams
 
 
 def counter(subject: str, metric: str, value: object, workload: str = "w1") -> dict[str, object]:
@@ -92,13 +93,39 @@ async def test_a_counter_that_drops_is_a_reset_counted_from_zero(
     assert [r["delta"] for r in resets] == [Decimal(40)]
 
 
+def _bad(host: str, subject: str, case: str) -> bytes:
+    """A message that can never be folded, by what is wrong with it."""
+    one = {"subject": subject, "workload": "w1", "metric": "cpu.used.seconds", "value": 3}
+    bodies = {
+        "invalid_json": lambda: b"{not json",
+        "not_an_object": lambda: b"[1, 2, 3]",
+        "unknown_schema": lambda: b'{"schema": "tollgate.counter_batch.v9"}',
+        "negative": lambda: batch_json(host, "e1", 1, [dict(one, value=-3)]),
+        "nan": lambda: batch_json(host, "e1", 1, [one]).replace(b'"value": 3', b'"value": NaN'),
+        "too_many_decimals": lambda: batch_json(host, "e1", 1, [dict(one, value="1.0000001")]),
+        "bad_metric": lambda: batch_json(host, "e1", 1, [dict(one, metric="CPU Seconds")]),
+        "fractional_bytes": lambda: batch_json(
+            host, "e1", 1, [dict(one, metric="log.bytes", value="1.5")]
+        ),
+        "host_mismatch": lambda: batch_json("someone-else", "e1", 1, [one]),
+        "oversize": lambda: batch_json(host, "e1", 1, [one]) + b" " * MAX_PAYLOAD,
+    }
+    return bodies[case]()
+
+
 @pytest.mark.parametrize(
-    ("body", "reason"),
+    ("case", "reason"),
     [
-        (b"{not json", "invalid_json"),
-        (b'{"schema": "tollgate.counter_batch.v9"}', "unknown_schema"),
-        (None, "invalid_payload"),
-        (None, "host_mismatch"),
+        ("invalid_json", "invalid_json"),
+        ("not_an_object", "invalid_json"),
+        ("unknown_schema", "unknown_schema"),
+        ("negative", "invalid_payload"),
+        ("nan", "invalid_json"),
+        ("too_many_decimals", "invalid_payload"),
+        ("bad_metric", "invalid_payload"),
+        ("fractional_bytes", "invalid_payload"),
+        ("host_mismatch", "host_mismatch"),
+        ("oversize", "oversize"),
     ],
 )
 async def test_bad_messages_become_dead_letters_and_good_ones_keep_flowing(
@@ -106,15 +133,11 @@ async def test_bad_messages_become_dead_letters_and_good_ones_keep_flowing(
     prefix: str,
     pool: asyncpg.Pool,
     ledger: LedgerService,
-    body: bytes | None,
+    case: str,
     reason: str,
 ) -> None:
     host, dave = unique("host"), unique("dave")
-    if reason == "invalid_payload":
-        body = batch_json(host, "e1", 1, [counter(dave, "cpu.used.seconds", -3)])
-    if reason == "host_mismatch":
-        body = batch_json("someone-else", "e1", 1, [counter(dave, "cpu.used.seconds", 3)])
-    assert body is not None
+    body = _bad(host, dave, case)
     dlq_sub = await nc.jetstream().subscribe(dlq_wildcard(prefix), stream=dlq_stream(prefix))
     bad = await publish(nc, prefix, host, body)
     await send(nc, prefix, host, 2, dave, "cpu.used.seconds", 7)
@@ -175,3 +198,23 @@ async def test_tampering_is_detected_at_the_first_bad_batch(
     assert not verdict.ok
     assert verdict.first_bad_batch == 3
     assert verdict.batches == 2
+
+
+async def test_jetstream_drops_a_repeated_msg_id_within_the_configurable_window(
+    nc: Client, prefix: str, pool: asyncpg.Pool, ledger: LedgerService
+) -> None:
+    js = nc.jetstream()
+    info = await js.stream_info(samples_stream(prefix))
+    assert info.config.duplicate_window == 120  # the fixture's setting
+    await ensure_streams(js, prefix, duplicate_window=1200)  # changed: the stream follows
+    assert (await js.stream_info(samples_stream(prefix))).config.duplicate_window == 1200
+    host, gina = unique("host"), unique("gina")
+    body = batch_json(host, "e1", 1, [counter(gina, "log.bytes", 64)])
+    first = await publish(nc, prefix, host, body, msg_id=f"{host}:e1:1")
+    again = await publish(nc, prefix, host, body, msg_id=f"{host}:e1:1")
+    assert not first.duplicate and again.duplicate and again.seq == first.seq
+
+    async def counted() -> bool:
+        return await total(pool, gina, "log.bytes") == 64
+
+    await wait_until(counted, what="the one stored copy to be counted")
