@@ -17,6 +17,7 @@ VERSION = "v1"
 METRIC_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _TOKEN_SAFE = re.compile(r"[A-Za-z0-9_\-@+=]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_FRACTION_DIGITS = 6
 # NUMERIC(38, 6) in the ledger: 32 integer digits.
 MAX_AMOUNT = Decimal(10) ** 32
@@ -110,7 +111,7 @@ DecimalText = Annotated[
 def _check_name(value: str) -> str:
     if not value or len(value) > 200:
         raise ValueError("must be 1 to 200 characters")
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in value):
+    if _CONTROL.search(value):
         raise ValueError("must not contain control characters")
     return value
 

@@ -9,6 +9,7 @@ zero too. Every number is a Decimal: the ledger does no binary floating point.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ def canonical_decimal(value: Decimal) -> str:
     return format(value.quantize(_MICRO), "f")
 
 
+@functools.lru_cache(maxsize=8192)  # a batch's readings share a handful of instants
 def canonical_time(value: datetime | None) -> str:
     """The one text of an instant that the hash chain uses (UTC, microseconds)."""
     if value is None:

@@ -205,7 +205,7 @@ async def apply_readings(
                         u.sample_seq,
                         u.stream_seq,
                         u.reset,
-                        json.dumps(dict(u.labels)),
+                        json.dumps(dict(u.labels)) if u.labels else "{}",
                     )
                     for i, u in enumerate(usage)
                 ],
