@@ -60,6 +60,7 @@ class LedgerService:
         fetch_timeout: float = 0.5,
         max_payload: int = 1 << 20,
         ack_wait: float = 30.0,
+        max_points: int = 50_000,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -70,6 +71,7 @@ class LedgerService:
         self.fetch_timeout = fetch_timeout
         self.max_payload = max_payload
         self.ack_wait = ack_wait
+        self.max_points = max_points
         # Set after every commit that appended events: wakes the usage feed publisher.
         self.committed = asyncio.Event()
         # Failpoint for crash tests: die right after the Nth commit, before its acks.
@@ -121,31 +123,43 @@ class LedgerService:
             await self.handle(msgs, stop)
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event | None = None) -> None:
-        """Fold one fetched batch: dead letters out, the rest committed, then acked."""
+        """Fold one fetched batch: dead letters out, the rest committed, then acked.
+
+        The batch is committed in chunks of at most `max_points` readings, so one
+        transaction (and the memory it takes) stays bounded however large the messages.
+        """
         metrics.MESSAGES.inc(len(msgs))
-        good: list[Msg] = []
+        chunk: list[Msg] = []
         items: list[Reading] = []
         for msg in msgs:
-            stream_seq = msg.metadata.sequence.stream
             try:
                 batch = parse_sample_message(msg.subject, msg.data, self.max_payload)
             except DeadLetter as dead:
                 await self._dead_letter(msg, dead)
                 continue
-            good.append(msg)
-            items.extend(readings(batch, stream_seq))
-        if not good:
-            return
-        last_stream_seq = max(m.metadata.sequence.stream for m in good)
+            more = readings(batch, msg.metadata.sequence.stream)
+            if chunk and len(items) + len(more) > self.max_points:
+                if not await self._commit_and_ack(chunk, items, stop):
+                    return
+                chunk, items = [], []
+            chunk.append(msg)
+            items.extend(more)
+        if chunk:
+            await self._commit_and_ack(chunk, items, stop)
+
+    async def _commit_and_ack(
+        self, msgs: list[Msg], items: list[Reading], stop: asyncio.Event | None
+    ) -> bool:
+        last_stream_seq = max(m.metadata.sequence.stream for m in msgs)
         with metrics.COMMIT_SECONDS.time():
-            result = await self._commit(items, last_stream_seq, good, stop)
+            result = await self._commit(items, last_stream_seq, msgs, stop)
         if result is None:
-            return  # stopping: the messages will be redelivered and fold to the same result
+            return False  # stopping: the messages are redelivered and fold to the same result
         self._commits += 1
         if self._commits == self._exit_after_commits:
             log.warning("failpoint %s: exiting between commit and ack", FAILPOINT_EXIT_AFTER_COMMIT)
             os._exit(137)
-        for msg in good:
+        for msg in msgs:
             await msg.ack()
         metrics.POINTS.inc(len(items))
         metrics.EVENTS.inc(len(result.events))
@@ -159,14 +173,10 @@ class LedgerService:
                 log.warning(
                     "counter reset: host=%s epoch=%s subject=%s workload=%s metric=%s "
                     "went back to %s; counted from zero (ledger seq %d)",
-                    k.host,
-                    k.epoch,
-                    k.subject,
-                    k.workload,
-                    k.metric,
-                    event.usage.delta,
+                    k.host, k.epoch, k.subject, k.workload, k.metric, event.usage.delta,
                     event.seq,
-                )
+                )  # fmt: skip
+        return True
 
     async def _commit(
         self,

@@ -218,3 +218,19 @@ async def test_jetstream_drops_a_repeated_msg_id_within_the_configurable_window(
         return await total(pool, gina, "log.bytes") == 64
 
     await wait_until(counted, what="the one stored copy to be counted")
+
+
+async def test_a_large_fetch_is_committed_in_bounded_chunks(
+    nc: Client, prefix: str, pool: asyncpg.Pool, streams: None
+) -> None:
+    service = LedgerService(nc, pool, prefix=prefix, batch=100, fetch_timeout=0.5, max_points=25)
+    await service.subscribe()
+    host, hugo = unique("host"), unique("hugo")
+    for seq in range(1, 11):  # 10 messages of 10 readings: commits of 2 messages (<= 25)
+        counters = [counter(hugo, "log.bytes", seq * 10 + i, workload=f"w{i}") for i in range(10)]
+        await publish(nc, prefix, host, batch_json(host, "e1", seq, counters))
+    assert service._sub is not None
+    await service.handle(await service._sub.fetch(100, timeout=5))
+    batches = await pool.fetch("SELECT event_count FROM ledger_batches ORDER BY batch_id")
+    assert [b["event_count"] for b in batches] == [20, 20, 20, 20, 20]
+    assert await total(pool, hugo, "log.bytes") == sum(100 + i for i in range(10))
