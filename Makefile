@@ -8,18 +8,21 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install system-deps run test lint typecheck unit integration e2e bench clean
 
-# Debian packages the meter uses (iptables/ip6tables accounting, network namespaces).
-# Installed when missing and we may (root with apt-get); elsewhere the tests that need
-# them skip with the reason.
-SYSTEM_TOOLS := iptables ip6tables iptables-save ip
+# Debian packages: iptables and iproute2 for the meter (accounting chains, network
+# namespaces), chromium for the web page's browser tests. Installed when missing and we
+# may (root with apt-get); elsewhere the tests that need them skip with the reason.
+SYSTEM_TOOLS := iptables:iptables ip6tables:iptables iptables-save:iptables ip:iproute2 \
+	chromium:chromium
 system-deps:
-	@missing=""; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null 2>&1 || missing=1; done; \
-	if [ -n "$$missing" ]; then \
+	@pkgs=""; for tp in $(SYSTEM_TOOLS); do t=$${tp%%:*}; p=$${tp##*:}; \
+	  command -v $$t >/dev/null 2>&1 || pkgs="$$pkgs $$p"; done; \
+	pkgs=$$(echo $$pkgs | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -n "$${pkgs// /}" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "Installing iptables and iproute2 (Debian packages) for the meter"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iptables iproute2 >/dev/null; \
+	    echo "Installing Debian packages:$$pkgs"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
 	  else \
-	    echo "Note: iptables/iproute2 missing and not installable here; network metering tests will skip"; \
+	    echo "Note: missing$$pkgs and cannot install them here; the tests that need them skip"; \
 	  fi; \
 	fi
 
