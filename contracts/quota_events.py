@@ -15,6 +15,7 @@ from ._base import (
     Name,
     UtcDatetime,
     encode_token,
+    stream_of,
     subject_of,
 )
 
@@ -30,6 +31,7 @@ class QuotaWarning(Contract):
     quota: str
     metric: MetricName
     threshold: DecimalText
+    workload: Name | None = Field(default=None, description="set for per-workload quotas")
     used: DecimalText
     limit: DecimalText
     unit: str
@@ -47,9 +49,20 @@ class QuotaExceeded(Contract):
     limit: DecimalText
     unit: str
     retry_at: datetime | None = None
+    workload: Name | None = Field(default=None, description="set for per-workload quotas")
     decided_at: UtcDatetime
 
 
 def quota_events_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> str:
     """`tollgate.v1.events.quota.<subject>`."""
     return subject_of(prefix, "events", "quota", encode_token(subject))
+
+
+def events_wildcard(prefix: str = DEFAULT_PREFIX) -> str:
+    """Every quota event."""
+    return subject_of(prefix, "events", ">")
+
+
+def events_stream(prefix: str = DEFAULT_PREFIX) -> str:
+    """Stream TOLLGATE_EVENTS: warnings and crossings, replayable by integrators."""
+    return stream_of(prefix, "EVENTS")

@@ -39,6 +39,9 @@ class QuotaStatus(Contract):
     state: Literal["ok", "warning", "exceeded"]
     retry_at: UtcDatetime | None = None
     enforce: list[str] = Field(default_factory=list)
+    reserved: DecimalText = Field(
+        default=Decimal(0), description="held for spawns allowed but not yet showing usage"
+    )
 
 
 class SpawnDecision(Contract):

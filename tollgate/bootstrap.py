@@ -13,7 +13,7 @@ from nats.aio.client import Client
 
 from services.ledger.app import LedgerService
 from services.ledger.feed import UsageFeed
-from services.policy.app import build_broker, start_broker
+from services.policy.app import SpawnCheckResponder
 from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
 from tollgate.bus import connect, ensure_streams
@@ -87,7 +87,7 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
     # Connects lazily: spawn checks are answered (by failure_mode) even while Postgres is away.
     pool = await create_pool(settings.database_url, min_size=0)
     service = PolicyService(nc, pool, config, settings.prefix)
-    broker = build_broker(settings.nats_url, settings.prefix, service.checker)
+    responder = SpawnCheckResponder(nc, settings.prefix, service.checker)
 
     async def migrated() -> None:
         async with pool.acquire() as conn:
@@ -97,7 +97,7 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, config.reload)
     try:
-        await start_broker(broker)
+        await responder.start()
         await _retry("Postgres", migrated, stop)
         log.info(
             "policy enforcing %d quotas (version %s%s)",
@@ -106,7 +106,7 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
         )  # fmt: skip
         await service.run(stop)
     finally:
-        await broker.stop()
+        await responder.stop()
         await nc.close()
         await pool.close()
 

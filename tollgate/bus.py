@@ -11,6 +11,7 @@ from nats.js.errors import BadRequestError
 
 from contracts.commands import commands_stream, commands_wildcard
 from contracts.dlq import dlq_stream, dlq_wildcard
+from contracts.quota_events import events_stream, events_wildcard
 from contracts.samples import samples_stream, samples_wildcard
 from contracts.usage import usage_stream, usage_wildcard
 from contracts.workloads import workloads_stream, workloads_wildcard
@@ -84,6 +85,13 @@ def stream_configs(prefix: str, duplicate_window: float) -> list[StreamConfig]:
             subjects=[commands_wildcard(prefix)],
             duplicate_window=duplicate_window,
             max_age=30 * DAY,
+            **common,
+        ),
+        StreamConfig(
+            name=events_stream(prefix),
+            subjects=[events_wildcard(prefix)],
+            duplicate_window=duplicate_window,
+            max_age=90 * DAY,
             **common,
         ),
         StreamConfig(

@@ -26,11 +26,14 @@ from contracts._base import METRIC_RE
 from .units import Amount, UnitError, parse_amount
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|min|h|d|w)\s*$")
+_REASON = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
 _SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_duration(value: str | int) -> timedelta:
+def parse_duration(value: str | int | timedelta) -> timedelta:
     """'30d', '12h', '90min', '60s' or a number of seconds."""
+    if isinstance(value, timedelta):
+        return value
     if isinstance(value, int):
         return timedelta(seconds=value)
     m = _DURATION.match(str(value))
@@ -120,6 +123,16 @@ class Termination(_Strict):
     reason: str | None = None
     grace_seconds: Decimal = Field(default=Decimal(30), ge=0, le=86400)
 
+    @field_validator("reason")
+    @classmethod
+    def _reason(cls, v: str | None) -> str | None:
+        if v is not None and not _REASON.match(v):
+            raise ValueError(
+                f"{v!r} is not a reason; write a lower-case word with underscores such as "
+                "'log_quota_exceeded' (hosts report it when the workload stops)"
+            )
+        return v
+
 
 class QuotaRule(_Strict):
     """One quota as configured."""
@@ -159,6 +172,25 @@ class QuotaRule(_Strict):
             raise ValueError(f"limit: {exc}") from None
         return self
 
+    @model_validator(mode="after")
+    def _coherent(self) -> QuotaRule:
+        if self.window.workload_hour and self.per != "workload":
+            raise ValueError(
+                "window: {workload_hour: true} counts hours of one workload's life, "
+                "so it needs per: workload"
+            )
+        if self.per == "group" and not self.applies_to.groups:
+            raise ValueError(
+                "per: group shares one pool among a group's members; "
+                "name the groups in applies_to: {groups: [...]}"
+            )
+        if self.per == "workload" and "spawn" in self.enforce:
+            raise ValueError(
+                "enforce: spawn cannot apply to a per: workload quota (a new workload has "
+                "used nothing yet); use enforce: [terminate], or per: subject to refuse spawns"
+            )
+        return self
+
     @property
     def amount(self) -> Amount:
         return self._amount
@@ -189,6 +221,20 @@ class PolicyConfig(_Strict):
             raise ValueError(f"quota names must be unique; repeated: {', '.join(dupes)}")
         return self
 
+    @model_validator(mode="after")
+    def _one_combine_per_limit(self) -> PolicyConfig:
+        # Rules on one metric, window and scope combine into one limit; they must agree how.
+        first: dict[tuple[str, str, str], QuotaRule] = {}
+        for q in self.quotas:
+            other = first.setdefault((q.metric, q.window.key(), q.per), q)
+            if other.combine != q.combine:
+                raise ValueError(
+                    f"quotas {other.name} and {q.name} limit the same {q.metric} "
+                    f"({q.window.key()}, per {q.per}) but say combine: {other.combine} and "
+                    f"combine: {q.combine}; give them the same combine"
+                )
+        return self
+
     def groups_of(self, subject: str, extra: list[str] | tuple[str, ...] = ()) -> list[str]:
         """Static groups from the config plus groups a request or workload brought."""
         found = {g for g, members in self.groups.items() if subject in members}
@@ -214,7 +260,7 @@ def parse_config(text: str, source: str = "<config>") -> PolicyConfig:
         lines = []
         for err in exc.errors():
             loc = err["loc"]
-            where = ".".join(str(p) for p in loc)
+            where = ".".join(str(p) for p in loc) or "quotas"
             if len(loc) >= 2 and loc[0] == "quotas" and isinstance(loc[1], int):
                 quotas = data.get("quotas") or []
                 name = quotas[loc[1]].get("name") if loc[1] < len(quotas) else None

@@ -1,19 +1,56 @@
-"""Quota evaluation, pure: which quotas apply, how much is used, allow or deny, and when back."""
+"""Quota evaluation, pure: which quotas apply, how they stand, allow or deny, and when back."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from decimal import Decimal
-from zoneinfo import ZoneInfo
 
+from contracts.commands import (
+    COMPUTE_QUOTA_EXCEEDED,
+    DATA_TRANSFER_QUOTA_EXCEEDED,
+    LOG_QUOTA_EXCEEDED,
+)
 from contracts.spawn import QuotaStatus
+from contracts.workloads import Resources
 
 from .config import PolicyConfig, QuotaRule, Window
 from .units import Amount, format_number
+from .windows import (
+    HOUR,
+    calendar_bounds,
+    floor_hour,
+    returns_at,
+    window_start,
+)
 
-HOUR = timedelta(hours=1)
+__all__ = [
+    "HOUR",
+    "EffectiveQuota",
+    "SpawnVerdict",
+    "Standing",
+    "calendar_bounds",
+    "decide_spawn",
+    "effective_quotas",
+    "floor_hour",
+    "need_of",
+    "retry_at",
+    "status",
+    "window_start",
+]
+
+# What an allowed spawn reserves: requested resources times the expected duration.
+RESERVABLE = ("cpu.alloc.seconds", "mem.alloc.byte_seconds", "gpu.alloc.seconds")
+
+
+def default_reason(metric: str) -> str:
+    """The SPEC's termination reason for a metric when the quota names none."""
+    if metric == "log.bytes":
+        return LOG_QUOTA_EXCEEDED
+    if metric.startswith("net."):
+        return DATA_TRANSFER_QUOTA_EXCEEDED
+    return COMPUTE_QUOTA_EXCEEDED
 
 
 @dataclass(frozen=True)
@@ -29,6 +66,17 @@ class EffectiveQuota:
     enforce: frozenset[str]
     warn_at: tuple[Decimal, ...]
     rules: tuple[QuotaRule, ...]
+    reason: str = COMPUTE_QUOTA_EXCEEDED
+    grace_seconds: Decimal = Decimal(30)
+
+    @property
+    def pool_groups(self) -> tuple[str, ...]:
+        """For `per: group`: the groups whose members share this pool."""
+        return tuple(sorted({g for r in self.rules for g in r.applies_to.groups}))
+
+    def show(self, base_value: Decimal) -> str:
+        """A base-unit value in the quota's unit: '61.2 GiB·h'."""
+        return self.amount.show(base_value)
 
 
 def _applies(rule: QuotaRule, subject: str, groups: Sequence[str]) -> bool:
@@ -66,74 +114,31 @@ def effective_quotas(
                 enforce=frozenset(e for r in rules for e in r.enforce),
                 warn_at=tuple(chosen.warn_at),
                 rules=tuple(rules),
+                reason=chosen.termination.reason or default_reason(chosen.metric),
+                grace_seconds=chosen.termination.grace_seconds,
             )
         )
     return sorted(result, key=lambda q: q.name)
 
 
-def floor_hour(t: datetime) -> datetime:
-    return t.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-
-
-def calendar_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
-    """Start and end of the current calendar period in the window's time zone, in UTC."""
-    local = now.astimezone(ZoneInfo(window.tz))
-    day = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    if window.calendar == "day":
-        start, end = day, day + timedelta(days=1)
-    elif window.calendar == "week":
-        start = day - timedelta(days=day.weekday())
-        end = start + timedelta(days=7)
-    else:
-        start = day.replace(day=1)
-        end = (start + timedelta(days=32)).replace(day=1)
-    # Re-attach the zone so DST changes inside the period land on local midnight.
-    tz = ZoneInfo(window.tz)
-    start = start.replace(tzinfo=None).replace(tzinfo=tz)
-    end = end.replace(tzinfo=None).replace(tzinfo=tz)
-    return start.astimezone(UTC), end.astimezone(UTC)
-
-
-def window_start(window: Window, now: datetime) -> datetime | None:
-    """First hour bucket that counts (usage is kept in hour buckets); None for lifetime.
-
-    Rolling windows count the whole hour bucket their start falls in, so they can count up
-    to an hour more than the exact window: strict by at most an hour, never lenient.
-    """
-    if window.rolling is not None:
-        return floor_hour(now - window.rolling)
-    if window.calendar is not None:
-        return calendar_bounds(window, now)[0]
-    if window.workload_hour:
-        return floor_hour(now - HOUR)
-    return None
-
-
 def retry_at(
-    quota: EffectiveQuota, used: Decimal, buckets: Iterable[tuple[datetime, Decimal]],
+    quota: EffectiveQuota, used: Decimal, buckets: Sequence[tuple[datetime, Decimal]],
     now: datetime,
 ) -> datetime | None:  # fmt: skip
     """When usage will be back under the limit if nothing more is used; None if never/now."""
-    if used < quota.limit:
-        return None
-    w = quota.window
-    if w.rolling is not None:
-        remaining = used
-        for hour, amount in sorted(buckets):
-            remaining -= amount
-            if remaining < quota.limit:
-                return hour + HOUR + w.rolling
-        return None
-    if w.calendar is not None:
-        return calendar_bounds(w, now)[1]
-    return None
+    return returns_at(quota.window, used, buckets, now, lambda u: u < quota.limit)
+
+
+def _exact(value: Decimal) -> Decimal:
+    return value.quantize(Decimal("0.000001")).normalize()
 
 
 def status(
     quota: EffectiveQuota,
     used: Decimal,
-    buckets: Iterable[tuple[datetime, Decimal]],
+    buckets: Sequence[tuple[datetime, Decimal]],
     now: datetime,
+    reserved: Decimal = Decimal(0),
 ) -> QuotaStatus:
     """How one quota stands, in the unit it was written in."""
     if used >= quota.limit:
@@ -147,16 +152,45 @@ def status(
         name=quota.name,
         metric=quota.metric,
         unit=a.unit,
-        used=a.in_unit(used).quantize(Decimal("0.000001")).normalize(),
+        used=_exact(a.in_unit(used)),
         limit=a.in_unit(quota.limit).normalize(),
-        remaining=a.in_unit(max(quota.limit - used, Decimal(0)))
-        .quantize(Decimal("0.000001"))
-        .normalize(),
+        remaining=_exact(a.in_unit(max(quota.limit - used, Decimal(0)))),
         window=quota.window.key(),
         state=state,
         retry_at=retry_at(quota, used, buckets, now),
         enforce=sorted(quota.enforce),
+        reserved=_exact(a.in_unit(reserved)),
     )
+
+
+@dataclass(frozen=True)
+class Standing:
+    """One quota of one subject (or one of its workloads) as of now: the inputs of a decision."""
+
+    quota: EffectiveQuota
+    used: Decimal
+    buckets: tuple[tuple[datetime, Decimal], ...] = ()
+    period: str = "rolling"
+    workload: str | None = None
+    reserved: Decimal = Decimal(0)
+    need: Decimal = Decimal(0)
+
+    @property
+    def exceeded(self) -> bool:
+        return self.used >= self.quota.limit
+
+    def status(self, now: datetime) -> QuotaStatus:
+        return status(self.quota, self.used, self.buckets, now, self.reserved)
+
+
+def need_of(metric: str, resources: Resources, seconds: Decimal) -> Decimal:
+    """What a spawn would use of an allocation metric over its expected duration."""
+    per_second = {
+        "cpu.alloc.seconds": resources.cpus,
+        "mem.alloc.byte_seconds": Decimal(resources.mem_bytes),
+        "gpu.alloc.seconds": Decimal(resources.gpus),
+    }.get(metric, Decimal(0))
+    return per_second * seconds
 
 
 @dataclass(frozen=True)
@@ -165,40 +199,88 @@ class SpawnVerdict:
     reason: str
     message: str
     retry_at: datetime | None
+    blocking: tuple[str, ...] = field(default=())
 
 
-def _when(t: datetime) -> str:
+def when(t: datetime) -> str:
+    """A time as people read it in messages: '2026-12-03 14:00 UTC'."""
     return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def _fits(s: Standing) -> bool:
+    return s.used + s.reserved + s.need <= s.quota.limit
+
+
+def _sentence(s: Standing, now: datetime) -> tuple[str, datetime | None]:
+    q = s.quota
+    limit = q.show(q.limit)
+    if s.exceeded:
+        text = (
+            f"You have used {format_number(q.amount.in_unit(s.used))} of {limit} "
+            f"({q.name}) {q.window.describe()}"
+        )
+        back = retry_at(q, s.used, s.buckets, now)
+    else:
+        left = max(q.limit - s.used - s.reserved, Decimal(0))
+        text = (
+            f"This spawn needs {q.show(s.need)} ({q.name}) but {q.show(left)} of {limit} "
+            f"{'is' if left == 1 else 'are'} left {q.window.describe()}"
+        )
+        if s.reserved:
+            text += f", after {q.show(s.reserved)} held for spawns already allowed"
+        room = q.limit - s.reserved - s.need
+        back = returns_at(q.window, s.used, s.buckets, now, lambda u: u <= room)
+    if back is not None:
+        text += f"; quota returns from {when(back)}"
+    elif q.window.rolling is None and q.window.calendar is None:
+        text += "; it does not come back by itself"
+    return text, back
+
+
+def _allowed_message(subject: str, gating: Sequence[Standing]) -> str:
+    """What an allowed spawn leaves, closest quota first (a hub shows it while spawning)."""
+    if not gating:
+        return f"{subject} is within every quota."
+    closest = sorted(gating, key=lambda s: s.used / s.quota.limit if s.quota.limit else 1)[::-1]
+    parts = []
+    for s in closest[:2]:
+        q = s.quota
+        part = (
+            f"{format_number(q.amount.in_unit(s.used))} of {q.show(q.limit)} used ({q.name}) "
+            f"{q.window.describe()}"
+        )
+        if s.need:
+            part += f", {q.show(s.need)} held for this spawn"
+        parts.append(part)
+    return f"Allowed for {subject}: " + "; ".join(parts) + "."
 
 
 def decide_spawn(
     subject: str,
-    quotas: Sequence[EffectiveQuota],
-    statuses: Mapping[str, QuotaStatus],
+    standings: Sequence[Standing],
+    now: datetime,
     help_text: str | None = None,
 ) -> SpawnVerdict:
-    """Deny when any spawn-enforced quota of the subject is used up; say why and until when."""
-    blocking = [
-        (q, statuses[q.name])
-        for q in quotas
-        if "spawn" in q.enforce and q.per != "workload" and statuses[q.name].state == "exceeded"
-    ]
+    """Deny when a spawn-enforced quota is used up, or this spawn would not fit in what is left.
+
+    What fits counts reservations of spawns already allowed, so concurrent spawns cannot
+    overrun a quota together. Per-workload quotas do not gate spawns (a new workload has
+    used nothing yet).
+    """
+    gating = [s for s in standings if "spawn" in s.quota.enforce and s.quota.per != "workload"]
+    blocking = [s for s in gating if s.exceeded or not _fits(s)]
     if not blocking:
-        return SpawnVerdict(True, "within_quota", f"{subject} is within every quota.", None)
-    sentences = []
-    for q, st in blocking:
-        a = q.amount
-        sentence = (
-            f"You have used {format_number(st.used)} of {a.show(st.limit * a.factor)} "
-            f"({q.name}) {q.window.describe()}"
-        )
-        if st.retry_at is not None:
-            sentence += f"; quota returns from {_when(st.retry_at)}"
-        sentences.append(sentence)
-    message = ". ".join(sentences) + "."
+        return SpawnVerdict(True, "within_quota", _allowed_message(subject, gating), None)
+    parts = [_sentence(s, now) for s in blocking]
+    message = ". ".join(p[0] for p in parts) + "."
     if help_text:
         message += f" {help_text}"
-    returns = [st.retry_at for _, st in blocking]
+    returns = [p[1] for p in parts]
     # Spawning is possible again once every blocking quota has returned.
     retry = None if any(r is None for r in returns) else max(r for r in returns if r is not None)
-    return SpawnVerdict(False, "quota_exceeded", message, retry)
+    reason = "quota_exceeded" if any(s.exceeded for s in blocking) else "quota_insufficient"
+    return SpawnVerdict(False, reason, message, retry, tuple(s.quota.name for s in blocking))
+
+
+def statuses_by_name(standings: Sequence[Standing], now: datetime) -> Mapping[str, QuotaStatus]:
+    return {s.quota.name: s.status(now) for s in standings}

@@ -1,36 +1,26 @@
-"""Spawn checks: a SpawnRequest in, a SpawnDecision out, from the ledger's numbers."""
+"""Spawn checks: a SpawnRequest in, a SpawnDecision out, from the in-memory state."""
 
 from __future__ import annotations
 
 import json
 import logging
 import uuid
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import asyncpg
 from pydantic import ValidationError
 
 from contracts import PayloadError, parse_json
 from contracts.spawn import REQUEST_SCHEMA, SpawnDecision, SpawnRequest
 
 from .config import PolicyConfig
-from .domain import decide_spawn
-from .quotas import subject_quotas
-from .source import ConfigSource
+from .domain import RESERVABLE, decide_spawn, need_of
+from .journal import DecisionJournal
+from .live import LiveState
+from .records import DecisionRecord
+from .reservations import hold
+from .standings import Ask, display_standings, resolve_groups, standings_for
 
 log = logging.getLogger("tollgate.policy")
-
-# Faults that mean "usage state unavailable": answer by failure_mode, flagged.
-UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-)
 
 
 class BadRequest(ValueError):
@@ -54,59 +44,171 @@ def parse_request(body: bytes) -> SpawnRequest:
         raise BadRequest(where) from None
 
 
-@dataclass
 class SpawnChecker:
-    """Answers spawn checks from the ledger's rollups."""
+    """Answers spawn checks from the live state and holds what an allowed spawn will use."""
 
-    pool: asyncpg.Pool
-    config: ConfigSource
-    fail_open_count: int = 0
-    decisions: dict[str, int] = field(default_factory=lambda: {"allowed": 0, "denied": 0})
+    def __init__(self, live: LiveState, journal: DecisionJournal) -> None:
+        self.live = live
+        self.journal = journal
 
     async def check(self, request: SpawnRequest) -> SpawnDecision:
-        config = self.config.current()
+        return self.decide(request)
+
+    def decide(self, request: SpawnRequest) -> SpawnDecision:
+        """Decide and hold in one step (no await inside: concurrent checks see each other)."""
+        live = self.live
+        now = live.clock()
+        config = live.config.current()
         decision_id = uuid.uuid4().hex
-        try:
-            found = await subject_quotas(self.pool, config, request.subject, request.groups)
-        except UNAVAILABLE as exc:
-            return self._unavailable(config, decision_id, request, exc)
-        by_name = {s.name: s for s in found.statuses}
-        verdict = decide_spawn(request.subject, found.quotas, by_name, config.help)
-        self.decisions["allowed" if verdict.allowed else "denied"] += 1
+        if request.groups and live.book.learn_groups(request.subject, request.groups):
+            self.journal.learn(request.subject, request.groups, "spawn_request", now)
+            live.touch(request.subject)
+        groups = resolve_groups(config, live.book, request.subject, request.groups)
+        if not live.ready or live.is_stale(now):
+            return self._unavailable(config, decision_id, request, groups, now)
+        view = live.view(now, config)
+        ask = Ask(request.resources, request.expected_seconds)
+        standings = standings_for(view, request.subject, groups, ask)
+        verdict = decide_spawn(request.subject, standings, now, config.help)
+        reservation = None
+        if verdict.allowed:
+            amounts = {
+                m: need_of(m, request.resources, request.expected_seconds) for m in RESERVABLE
+            }
+            held = hold(
+                decision_id,
+                request.subject,
+                request.workload,
+                amounts,
+                now,
+                request.expected_seconds,
+            )
+            live.holds.add(held)
+            if not held.empty:
+                reservation = {"amounts": held.remaining, "expires": held.expires}
+        live.stats.bump("spawn_allowed" if verdict.allowed else "spawn_denied")
+        statuses = [s.status(now) for s in display_standings(standings)]
+        as_of = view.usage.last_seq
         log.info(
             "spawn %s for %s (workload %s): %s [policy %s, ledger seq %d, groups %s]",
-            "allowed" if verdict.allowed else "denied", request.subject, request.workload,
-            verdict.reason, config.version, found.as_of_seq, ",".join(found.groups) or "-",
-        )  # fmt: skip
+            "allowed" if verdict.allowed else "denied",
+            request.subject,
+            request.workload,
+            verdict.reason,
+            config.version,
+            as_of,
+            ",".join(groups) or "-",
+        )
+        self.journal.add(
+            DecisionRecord(
+                decision_id=decision_id,
+                kind="spawn",
+                decided_at=now,
+                subject=request.subject,
+                workload=request.workload,
+                allowed=verdict.allowed,
+                reason=verdict.reason,
+                message=verdict.message,
+                policy_version=config.version,
+                as_of_seq=as_of,
+                groups=groups,
+                reservation=reservation,
+                quota=",".join(verdict.blocking) or None,
+                inputs={
+                    "request": request.model_dump(mode="json", by_alias=True),
+                    "quotas": [
+                        {
+                            "name": s.quota.name,
+                            "metric": s.quota.metric,
+                            "per": s.quota.per,
+                            "window": s.quota.window.key(),
+                            "window_text": s.quota.window.describe(),
+                            "used": s.used,
+                            "reserved": s.reserved,
+                            "need": s.need,
+                            "limit": s.quota.limit,
+                            "unit": s.quota.amount.unit,
+                            "factor": s.quota.amount.factor,
+                            "period": s.period,
+                            "workload": s.workload,
+                            "enforce": sorted(s.quota.enforce),
+                        }
+                        for s in standings
+                    ],
+                    "retry_at": verdict.retry_at,
+                    "lag_events": live.lag(),
+                },
+            )
+        )
         return SpawnDecision(
             decision_id=decision_id,
             allowed=verdict.allowed,
             reason=verdict.reason,
             message=verdict.message,
-            quotas=found.statuses,
+            quotas=statuses,
             retry_at=verdict.retry_at,
         )
 
     def _unavailable(
-        self, config: PolicyConfig, decision_id: str, request: SpawnRequest, exc: BaseException
+        self,
+        config: PolicyConfig,
+        decision_id: str,
+        request: SpawnRequest,
+        groups: list[str],
+        now: datetime,
     ) -> SpawnDecision:
+        live = self.live
         allowed = config.failure_mode == "open"
-        self.fail_open_count += allowed
+        reason = "usage_unavailable" if not live.ready else "usage_stale"
+        age = live.staleness(now)
+        why = (
+            "usage has not been loaded yet"
+            if not live.ready
+            else f"usage is {age.total_seconds():.0f} s behind the ledger"
+            if age is not None
+            else "usage is behind the ledger"
+        )
+        if allowed:
+            live.stats.bump("spawn_fail_open")
+            message = f"Usage could not be checked ({why}), so this spawn was allowed (fail-open)."
+        else:
+            live.stats.bump("spawn_fail_closed")
+            message = (
+                f"Usage could not be checked ({why}), so spawns are refused until it can be "
+                "(fail-closed). Try again in a minute; tell your admin if it persists."
+            )
         log.warning(
-            "usage state unavailable (%s: %s); spawn for %s %s by failure_mode=%s",
-            type(exc).__name__, exc, request.subject, "allowed" if allowed else "denied",
+            "spawn for %s %s by failure_mode=%s: %s",
+            request.subject,
+            "allowed" if allowed else "denied",
             config.failure_mode,
-        )  # fmt: skip
-        message = (
-            "Usage could not be checked right now, so this spawn was allowed (fail-open)."
-            if allowed
-            else "Usage could not be checked right now, so spawns are refused until it can be "
-            "(fail-closed). Try again in a minute; tell your admin if it persists."
+            why,
+        )
+        self.journal.add(
+            DecisionRecord(
+                decision_id=decision_id,
+                kind="spawn",
+                decided_at=now,
+                subject=request.subject,
+                workload=request.workload,
+                allowed=allowed,
+                reason=reason,
+                message=message,
+                policy_version=config.version,
+                as_of_seq=live.usage.last_seq if live.usage is not None else 0,
+                groups=groups,
+                fail_open=allowed,
+                inputs={
+                    "request": request.model_dump(mode="json", by_alias=True),
+                    "failure_mode": config.failure_mode,
+                    "why": why,
+                },
+            )
         )
         return SpawnDecision(
             decision_id=decision_id,
             allowed=allowed,
-            reason="usage_unavailable",
+            reason=reason,
             message=message,
             fail_open=allowed,
         )

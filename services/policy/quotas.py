@@ -68,12 +68,15 @@ async def subject_quotas(
     groups: Sequence[str] = (),
     now: datetime | None = None,
 ) -> SubjectQuotas:
-    """Evaluate every quota that applies to `subject` (config groups plus `groups`)."""
+    """Evaluate every quota that applies to `subject`: config groups plus `groups`, or when
+    none are given, the groups integrators last reported for the subject (as the policy does).
+    """
     now = now or datetime.now(UTC)
-    resolved = config.groups_of(subject, tuple(groups))
-    quotas = effective_quotas(config, subject, resolved)
     statuses = []
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+        reported = tuple(groups) or await store.reported_groups(conn, subject)
+        resolved = config.groups_of(subject, reported)
+        quotas = effective_quotas(config, subject, resolved)
         as_of_seq, as_of = await store.ledger_head(conn)
         for q in quotas:
             used, buckets = await _used(conn, config, q, subject, resolved, now)

@@ -5,9 +5,17 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .config import ConfigError, PolicyConfig, load_config, load_or_empty
+from .config import ConfigError, PolicyConfig, parse_config
 
 log = logging.getLogger("tollgate.policy")
+EMPTY = "{}"
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read quota configuration {path}: {exc.strerror}") from None
 
 
 class ConfigSource:
@@ -17,29 +25,33 @@ class ConfigSource:
     so a typo in the YAML never takes quotas away.
     """
 
-    def __init__(self, config: PolicyConfig, path: Path | None = None) -> None:
+    def __init__(self, config: PolicyConfig, path: Path | None = None, text: str = "") -> None:
         self._config = config
         self._path = path
+        self._text = text
         self._stamp = self._stat()
 
     @classmethod
     def load(cls, path: Path | None) -> ConfigSource:
         """Read `path` now (raising `ConfigError` if invalid); None means no quotas."""
-        return cls(load_or_empty(path), path)
+        if path is None:
+            return cls(parse_config(EMPTY, "<no quota file>"), None, EMPTY)
+        text = _read(path)
+        return cls(parse_config(text, str(path)), path, text)
 
     @classmethod
-    def fixed(cls, config: PolicyConfig) -> ConfigSource:
+    def fixed(cls, config: PolicyConfig, text: str = "") -> ConfigSource:
         """A configuration that never changes (tests, embedded use)."""
-        return cls(config)
+        return cls(config, None, text)
 
-    def _stat(self) -> tuple[int, int] | None:
+    def _stat(self) -> tuple[int, int, int] | None:
         if self._path is None:
             return None
         try:
             st = self._path.stat()
         except OSError:
             return None
-        return st.st_mtime_ns, st.st_size
+        return st.st_mtime_ns, st.st_size, st.st_ino
 
     def current(self) -> PolicyConfig:
         """The configuration in force, re-read first if the file changed on disk."""
@@ -54,14 +66,15 @@ class ConfigSource:
         if self._path is None:
             return
         try:
-            new = load_config(self._path)
+            text = _read(self._path)
+            new = parse_config(text, str(self._path))
         except ConfigError as exc:
             log.warning("%s\nkeeping quota configuration version %s", exc, self.version)
             return
         if new.version != self._config.version:
             log.info("reloaded quota configuration %s: version %s -> %s",
                      self._path, self._config.version, new.version)  # fmt: skip
-        self._config = new
+        self._config, self._text = new, text
 
     @property
     def path(self) -> Path | None:
@@ -70,3 +83,8 @@ class ConfigSource:
     @property
     def version(self) -> str:
         return self._config.version
+
+    @property
+    def text(self) -> str:
+        """The YAML of the configuration in force (recorded with its version)."""
+        return self._text

@@ -1,12 +1,20 @@
-"""The policy's SQL: usage per hour bucket from the ledger's rollups."""
+"""The policy's reads of the ledger: rollups, the ledger head, events by sequence."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+
+from .usage import UsageEvent, UsageState
+
+# Events that may fall into a workload_hour window are read back this far for minute detail.
+MINUTE_DETAIL = timedelta(hours=2)
+# Allowance for hosts whose clocks run ahead of the ledger's.
+CLOCK_SLACK = timedelta(minutes=10)
 
 
 async def hourly_usage(
@@ -37,3 +45,108 @@ async def ledger_head(conn: asyncpg.Connection) -> tuple[int, datetime | None]:
     if row is None:
         return 0, None
     return int(row["last_seq"]), row["committed_at"]
+
+
+async def reported_groups(conn: asyncpg.Connection, subject: str) -> tuple[str, ...]:
+    """The groups a spawn request or workload_started last named for `subject`."""
+    found = await conn.fetchval(
+        "SELECT groups FROM policy_subject_groups WHERE subject = $1", subject
+    )
+    return tuple(found or ())
+
+
+async def head_seq(conn: asyncpg.Connection | asyncpg.Pool) -> int:
+    value = await conn.fetchval("SELECT last_seq FROM ledger_head WHERE id = 1")
+    return int(value or 0)
+
+
+def _event(r: asyncpg.Record) -> UsageEvent:
+    return UsageEvent(
+        r["seq"], r["subject"], r["workload"], r["host"], r["metric"], r["delta"], r["window_end"]
+    )
+
+
+async def events_after(conn: asyncpg.Connection, after: int, limit: int) -> list[UsageEvent]:
+    """Committed usage events with seq > `after`, in order: the ledger is the outbox too."""
+    rows = await conn.fetch(
+        """SELECT seq, subject, workload, host, metric, delta, window_end FROM usage_events
+           WHERE seq > $1 ORDER BY seq LIMIT $2""",
+        after,
+        limit,
+    )
+    return [_event(r) for r in rows]
+
+
+@dataclass(frozen=True)
+class SnapshotSpec:
+    """What to load: how far back hour buckets stay apart, which workloads need detail."""
+
+    now: datetime
+    horizon_start: datetime
+    minute_metrics: frozenset[str]
+    running: Sequence[str]
+
+
+async def load_snapshot(conn: asyncpg.Connection, spec: SnapshotSpec) -> UsageState:
+    """The ledger's rollups as of one ledger sequence, read in one consistent snapshot."""
+    state = UsageState(minute_metrics=spec.minute_metrics)
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        state.last_seq = await head_seq(conn)
+        rows = await conn.fetch(
+            """SELECT subject, '' AS workload, '' AS host, metric, hour, sum(total) AS total
+               FROM usage_hourly WHERE hour >= $1 GROUP BY subject, metric, hour""",
+            spec.horizon_start,
+        )
+        state.load_hours(_hour_rows(rows), per_workload=False)
+        bases = await conn.fetch(
+            """SELECT subject, metric, sum(total) AS total FROM usage_hourly
+               WHERE hour < $1 GROUP BY subject, metric""",
+            spec.horizon_start,
+        )
+        state.load_bases((r["subject"], r["metric"], r["total"]) for r in bases)
+        # Per-workload detail for workloads that run or ran lately (their whole life).
+        rows = await conn.fetch(
+            """SELECT subject, workload, host, metric, hour, sum(total) AS total
+               FROM usage_hourly
+               WHERE workload = ANY($1::text[]) OR workload IN (
+                   SELECT DISTINCT workload FROM usage_hourly WHERE hour >= $2)
+               GROUP BY subject, workload, host, metric, hour""",
+            list(spec.running),
+            spec.now - timedelta(days=1),
+        )
+        state.load_hours(_hour_rows(rows), per_workload=True, now=spec.now)
+        if spec.minute_metrics:
+            state.load_minutes(await _minutes(conn, spec, state.last_seq))
+    return state
+
+
+def _hour_rows(
+    rows: Sequence[asyncpg.Record],
+) -> list[tuple[str, str, str, str, datetime, Decimal]]:
+    return [
+        (r["subject"], r["workload"], r["host"], r["metric"], r["hour"], r["total"]) for r in rows
+    ]
+
+
+async def _minutes(
+    conn: asyncpg.Connection, spec: SnapshotSpec, upto: int
+) -> list[tuple[str, str, datetime, Decimal]]:
+    since = spec.now - MINUTE_DETAIL
+    # The first event committed in the window, found by walking batches back from the head.
+    low = await conn.fetchval(
+        """SELECT last_seq FROM ledger_batches WHERE committed_at < $1
+           ORDER BY batch_id DESC LIMIT 1""",
+        since - CLOCK_SLACK,
+    )
+    rows = await conn.fetch(
+        """SELECT workload, metric, date_trunc('minute', window_end) AS minute,
+                  sum(delta) AS total
+           FROM usage_events
+           WHERE seq > $1 AND seq <= $2 AND metric = ANY($3::text[]) AND window_end >= $4
+           GROUP BY workload, metric, minute""",
+        int(low or 0),
+        upto,
+        sorted(spec.minute_metrics),
+        since,
+    )
+    return [(r["workload"], r["metric"], r["minute"], r["total"]) for r in rows]

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from services.policy.config import ConfigError, parse_config
 from services.policy.domain import (
+    Standing,
     calendar_bounds,
     decide_spawn,
     effective_quotas,
@@ -170,8 +171,10 @@ def test_a_denial_says_used_limit_unit_window_and_when_it_returns() -> None:
     q = memory_quota()
     gib_h = Decimal(2**30 * 3600)
     hour = NOW.replace(minute=0) - timedelta(days=27)
-    st = status(q, Decimal("61.2") * gib_h, [(hour, Decimal("61.2") * gib_h)], NOW)
-    verdict = decide_spawn("alice", [q], {q.name: st}, "Ask your admin to join power.")
+    used = Decimal("61.2") * gib_h
+    verdict = decide_spawn(
+        "alice", [Standing(q, used, ((hour, used),))], NOW, "Ask your admin to join power."
+    )
     assert not verdict.allowed
     assert verdict.message == (
         "You have used 61.2 of 60 GiB·h (mem-regular) in the last 30 days; "

@@ -1,0 +1,208 @@
+"""Enforcement: re-evaluate subjects whose usage, workloads or quotas changed, and act.
+
+A plan's decisions, messages (outbox) and episode marks commit in one transaction before
+anything is published; the outbox is then published with each row's id as Nats-Msg-Id.
+A crash before the commit re-decides the same plan after restart (same command ids); a
+crash after it publishes what is pending; a crash between publish and "published" sends
+the same id again, which JetStream drops, and the outbox key stops any later repeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+
+import asyncpg
+import nats.errors
+from nats.aio.client import Client
+from nats.js.errors import NotFoundError
+
+from . import records
+from .domain import effective_quotas
+from .engine import Terminate, decide
+from .journal import UNAVAILABLE
+from .live import LiveState
+from .orders import translate
+from .records import DecisionRecord, OutboxRow
+from .standings import View, pool_members, resolve_groups, standings_for
+from .workloads import LIVE_WITHOUT_START
+
+log = logging.getLogger("tollgate.policy.enforcer")
+
+
+class Enforcer:
+    """Turns crossings into commands and events, each once."""
+
+    def __init__(
+        self,
+        nc: Client,
+        pool: asyncpg.Pool,
+        live: LiveState,
+        prefix: str,
+        sweep_every: float = 10.0,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.pool = pool
+        self.live = live
+        self.prefix = prefix
+        self.sweep_every = sweep_every
+        self._version: str | None = None
+        self._last_sweep = 0.0
+        self._events_stream: bool | None = None
+
+    async def run(self, stop: asyncio.Event) -> None:
+        backoff = 0.2
+        while not stop.is_set():
+            await _wait(self.live.wake, 0.5)
+            self.live.wake.clear()
+            if not self.live.ready or stop.is_set():
+                continue
+            try:
+                await self.step()
+                await self.publish_pending()
+                backoff = 0.2
+            except (*UNAVAILABLE, asyncpg.PostgresError, nats.errors.Error) as exc:
+                log.warning(
+                    "enforcement paused (%s: %s); retrying in %.1fs",
+                    type(exc).__name__,
+                    exc,
+                    backoff,
+                )
+                await _wait(stop, backoff)
+                backoff = min(backoff * 2, 5.0)
+                self.live.wake.set()
+
+    def _sweep_targets(self, view: View) -> set[str]:
+        """Subjects whose standing can change with time alone (windows roll, hours turn)."""
+        live = self.live
+        recent = view.now - LIVE_WITHOUT_START
+        seen = {s.subject for s in view.usage.seen.values() if s.last >= recent}
+        return set(live.marks) | live.book.subjects() | seen
+
+    async def step(self) -> int:
+        """Evaluate dirty subjects (all of them after a config change or a sweep)."""
+        live = self.live
+        view = live.view()
+        config = view.config
+        if config.version != self._version:
+            await self._record_config()
+            live.dirty |= self._sweep_targets(view) | view.usage.known_subjects()
+        if time.monotonic() - self._last_sweep >= self.sweep_every:
+            self._last_sweep = time.monotonic()
+            live.dirty |= self._sweep_targets(view)
+            live.holds.expire(view.now)
+            live.book.forget_stopped_before(view.now - timedelta(days=1))
+        subjects, live.dirty = live.dirty, set()
+        try:
+            return await self._evaluate(view, subjects)
+        except BaseException:
+            live.dirty |= subjects  # not done: decide them again next time
+            raise
+
+    async def _evaluate(self, view: View, subjects: set[str]) -> int:
+        live, config = self.live, view.config
+        for s in list(subjects):  # a pool's usage changed: every member may be over now
+            groups = resolve_groups(config, live.book, s)
+            for q in effective_quotas(config, s, groups):
+                if q.per == "group":
+                    subjects.update(pool_members(view, q, s))
+        rows: list[tuple[DecisionRecord, OutboxRow]] = []
+        opened, closed, terminations = [], [], []
+        for subject in sorted(subjects):
+            groups = resolve_groups(config, live.book, subject)
+            running = live.book.running_for(subject, view.usage, view.now)
+            standings = standings_for(view, subject, groups, running=running)
+            plan = decide(
+                subject, standings, running, live.marks.get(subject, {}), live.sent, view.now
+            )
+            if not plan:
+                continue
+            opened += plan.opened
+            closed += plan.closed
+            for action in plan.actions:
+                rows.append(
+                    translate(
+                        action,
+                        prefix=self.prefix,
+                        now=view.now,
+                        version=config.version,
+                        as_of=view.usage.last_seq,
+                        groups=groups,
+                    )
+                )
+                if isinstance(action, Terminate):
+                    terminations.append(action.command_id)
+        if not (rows or opened or closed):
+            return 0
+        async with self.pool.acquire() as conn:
+            new = await records.save_plan(
+                conn, [r for r, _ in rows], [o for _, o in rows], opened, closed, view.now
+            )
+        live.sent.update(terminations)
+        for key in closed:
+            live.marks.get(key.subject, {}).pop(key, None)
+        for mark in opened:
+            live.marks.setdefault(mark.key.subject, {})[mark.key] = mark
+        for record, _ in rows:
+            if record.decision_id in new:
+                log.info("%s", record.message)
+        return len(new)
+
+    async def publish_pending(self) -> int:
+        """Publish outbox rows not yet published, oldest first."""
+        sent = 0
+        while True:
+            async with self.pool.acquire() as conn:
+                rows = await records.pending_outbox(conn)
+            if not rows:
+                return sent
+            done = []
+            for r in rows:
+                await self._publish(r["msg_id"], r["nats_subject"], bytes(r["payload"]))
+                done.append(r["msg_id"])
+            async with self.pool.acquire() as conn:
+                await records.mark_published(conn, done, self.live.clock())
+            sent += len(done)
+
+    async def _publish(self, msg_id: str, subject: str, payload: bytes) -> None:
+        headers = {"Nats-Msg-Id": msg_id}
+        if ".events." in subject and not await self._events_stored(subject):
+            # Quota events have no stream in the contract yet: plain NATS until one exists.
+            await self.nc.publish(subject, payload, headers=headers)
+            self.live.stats.bump("events_sent")
+            return
+        await self.js.publish(subject, payload, headers=headers)
+        self.live.stats.bump("commands_sent")
+
+    async def _events_stored(self, subject: str) -> bool:
+        if self._events_stream is None:
+            try:
+                await self.js.find_stream_name_by_subject(subject)
+                self._events_stream = True
+            except NotFoundError:
+                self._events_stream = False
+        return self._events_stream
+
+    async def _record_config(self) -> None:
+        source = self.live.config
+        config = source.current()
+        path = source.path
+        body = source.text
+        async with self.pool.acquire() as conn:
+            await records.record_config(conn, config.version, str(path or "<none>"), body)
+        if self._version is not None:
+            log.info(
+                "quota configuration %s -> %s: re-evaluating every subject",
+                self._version,
+                config.version,
+            )
+        self._version = config.version
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), seconds)

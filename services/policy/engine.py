@@ -1,0 +1,170 @@
+"""Enforcement, pure: from how a subject's quotas stand to the commands and events to send.
+
+Each action happens once per crossing. Terminations carry a command id derived from the
+quota, subject, window instance and workload, so re-deciding after a restart or a replay
+yields the same id (and JetStream and the outbox table drop the repeat). Warnings, exceeded
+events and spawn blocks are "marks": open while the condition holds in the current window
+instance, closed when it stops holding, so each is sent once per episode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+
+from .domain import Standing, retry_at
+from .workloads import Workload
+
+EXCEEDED = "exceeded"
+BLOCK = "block"
+
+
+def warn_kind(threshold: Decimal) -> str:
+    return f"warn:{threshold.normalize()}"
+
+
+@dataclass(frozen=True, order=True)
+class MarkKey:
+    """An episode's identity: a subject (or one of its workloads) on a quota, of one kind."""
+
+    subject: str
+    quota: str
+    workload: str  # "" unless the quota is per workload
+    kind: str  # "warn:0.8", "exceeded" or "block"
+
+
+@dataclass(frozen=True)
+class Mark:
+    key: MarkKey
+    period: str
+    until: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Terminate:
+    command_id: str
+    workload: Workload
+    standing: Standing
+
+
+@dataclass(frozen=True)
+class Block:
+    subject: str
+    standing: Standing
+    until: datetime | None
+
+
+@dataclass(frozen=True)
+class Unblock:
+    subject: str
+    quota: str
+    why: str
+
+
+@dataclass(frozen=True)
+class Warn:
+    subject: str
+    standing: Standing
+    threshold: Decimal
+
+
+@dataclass(frozen=True)
+class Exceeded:
+    subject: str
+    standing: Standing
+    retry_at: datetime | None
+
+
+Action = Terminate | Block | Unblock | Warn | Exceeded
+
+
+@dataclass
+class Plan:
+    """What one evaluation decided: actions to take and marks to open or close with them."""
+
+    actions: list[Action] = field(default_factory=list)
+    opened: list[Mark] = field(default_factory=list)
+    closed: list[MarkKey] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.actions or self.opened or self.closed)
+
+
+def command_id(quota: str, subject: str, period: str, workload: str) -> str:
+    """The id of the one termination for this crossing (also its Nats-Msg-Id)."""
+    digest = hashlib.sha256("\x1f".join((quota, subject, period, workload)).encode())
+    return f"term-{digest.hexdigest()[:32]}"
+
+
+def _episode(
+    plan: Plan,
+    marks: Mapping[MarkKey, Mark],
+    key: MarkKey,
+    period: str,
+    on: bool,
+    until: datetime | None = None,
+) -> tuple[bool, Mark | None]:
+    """Open or close one mark; True when it opened now (the start of an episode)."""
+    current = marks.get(key)
+    if current is not None and current.period != period:
+        current = None  # a mark from an earlier window instance is over
+    if on and current is None:
+        plan.opened.append(Mark(key, period, until))
+        return True, None
+    if not on and key in marks:
+        plan.closed.append(key)
+    return False, current
+
+
+def decide(
+    subject: str,
+    standings: Sequence[Standing],
+    running: Sequence[Workload],
+    marks: Mapping[MarkKey, Mark],
+    sent: Iterable[str] | set[str],
+    now: datetime,
+) -> Plan:
+    """The actions a subject's standings call for, given marks already open and ids sent."""
+    sent = sent if isinstance(sent, set) else set(sent)
+    plan = Plan()
+    seen: set[MarkKey] = set()
+    for s in standings:
+        q, workload = s.quota, s.workload or ""
+        if q.per == "workload" and s.workload is None:
+            continue  # the placeholder shown when no workload runs
+        keys = {warn_kind(t): s.used >= q.limit * t for t in q.warn_at}
+        keys[EXCEEDED] = s.exceeded
+        for kind, on in keys.items():
+            key = MarkKey(subject, q.name, workload, kind)
+            seen.add(key)
+            opened, _ = _episode(plan, marks, key, s.period, on)
+            if opened and kind == EXCEEDED:
+                plan.actions.append(Exceeded(subject, s, retry_at(q, s.used, s.buckets, now)))
+            elif opened and not s.exceeded:
+                plan.actions.append(Warn(subject, s, Decimal(kind.split(":", 1)[1])))
+        if "spawn" in q.enforce and q.per != "workload":
+            key = MarkKey(subject, q.name, "", BLOCK)
+            seen.add(key)
+            until = retry_at(q, s.used, s.buckets, now) if s.exceeded else None
+            opened, current = _episode(plan, marks, key, s.period, s.exceeded, until)
+            if opened or (current is not None and s.exceeded and current.until != until):
+                if not opened:
+                    plan.opened.append(Mark(key, s.period, until))
+                plan.actions.append(Block(subject, s, until))
+            elif key in plan.closed:
+                plan.actions.append(Unblock(subject, q.name, "back under the limit"))
+        if "terminate" in q.enforce and s.exceeded:
+            targets = [w for w in running if s.workload in (None, w.workload)]
+            for w in targets:
+                cid = command_id(q.name, subject, s.period, w.workload)
+                if cid not in sent:
+                    plan.actions.append(Terminate(cid, w, s))
+    for key in sorted(set(marks) - seen):
+        # The quota no longer applies (config change, groups moved) or its workload ended.
+        plan.closed.append(key)
+        if key.kind == BLOCK:
+            plan.actions.append(Unblock(subject, key.quota, "the quota no longer applies"))
+    return plan

@@ -1,0 +1,190 @@
+"""From engine actions to wire messages (SPEC 2.5) and the decision records that explain them."""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+from decimal import Decimal
+from functools import partial
+
+from contracts.commands import (
+    SpawnBlock,
+    TerminateWorkload,
+    block_subject,
+    terminate_subject,
+    unblock_subject,
+)
+from contracts.quota_events import QuotaExceeded, QuotaWarning, quota_events_subject
+
+from .domain import Standing, when
+from .engine import Action, Block, Exceeded, Terminate, Unblock, Warn
+from .records import DecisionRecord, OutboxRow
+from .units import format_number
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def _used(s: Standing) -> str:
+    q = s.quota
+    text = f"{format_number(q.amount.in_unit(s.used))} of {q.show(q.limit)} ({q.name})"
+    if q.window.workload_hour:
+        return f"{text} in hour {s.period.removeprefix('h')} of the workload"
+    return f"{text} {q.window.describe()}"
+
+
+def _inputs(s: Standing, extra: dict[str, object] | None = None) -> dict[str, object]:
+    q = s.quota
+    out: dict[str, object] = {
+        "metric": q.metric,
+        "window": q.window.key(),
+        "window_text": q.window.describe(),
+        "per": q.per,
+        "used": s.used,
+        "limit": q.limit,
+        "unit": q.amount.unit,
+        "factor": q.amount.factor,
+        "period": s.period,
+        "rules": [r.name for r in q.rules],
+        "enforce": sorted(q.enforce),
+    }
+    out.update(extra or {})
+    return out
+
+
+def translate(
+    action: Action,
+    *,
+    prefix: str,
+    now: datetime,
+    version: str,
+    as_of: int,
+    groups: Sequence[str],
+) -> tuple[DecisionRecord, OutboxRow]:
+    """The decision record and the message of one action (the record's id names the message)."""
+    decision = partial(
+        DecisionRecord, decided_at=now, policy_version=version, as_of_seq=as_of,
+        groups=list(groups),
+    )  # fmt: skip
+    if isinstance(action, Terminate):
+        s, w, q = action.standing, action.workload, action.standing.quota
+        payload = TerminateWorkload(
+            command_id=action.command_id,
+            workload=w.workload,
+            subject=w.subject,
+            reason=q.reason,
+            quota=q.name,
+            metric=q.metric,
+            used=s.used,
+            limit=q.limit,
+            grace_seconds=q.grace_seconds,
+            decided_at=now,
+        )
+        message = (
+            f"Terminate {w.workload} on {w.host}: {w.subject} used {_used(s)}; "
+            f"{q.reason}, SIGKILL after {format_number(q.grace_seconds)} s of grace."
+        )
+        record = decision(
+            decision_id=action.command_id,
+            kind="terminate",
+            subject=w.subject,
+            workload=w.workload,
+            reason=q.reason,
+            message=message,
+            quota=q.name,
+            inputs=_inputs(
+                s,
+                {
+                    "host": w.host,
+                    "started_at": w.started_at,
+                    "announced": w.announced,
+                    "grace_seconds": q.grace_seconds,
+                },
+            ),
+        )
+        subject = terminate_subject(w.host, prefix)
+        return record, OutboxRow(action.command_id, record.decision_id, subject, payload.to_json())
+    if isinstance(action, Block):
+        s, q = action.standing, action.standing.quota
+        msg_id = "block-" + _digest(action.subject, q.name, s.period, str(action.until))
+        until = f"until {when(action.until)}" if action.until else "until an admin raises it"
+        record = decision(
+            decision_id=msg_id,
+            kind="block",
+            subject=action.subject,
+            allowed=False,
+            reason="quota_exceeded",
+            quota=q.name,
+            inputs=_inputs(s, {"until": action.until}),
+            message=f"Block spawns of {action.subject} {until}: used {_used(s)}.",
+        )
+        block = SpawnBlock(
+            subject=action.subject, quota=q.name, reason="quota_exceeded", until=action.until
+        )
+        return record, OutboxRow(
+            msg_id, msg_id, block_subject(action.subject, prefix), block.to_json()
+        )
+    if isinstance(action, Unblock):
+        msg_id = f"unblock-{uuid.uuid4().hex}"
+        record = decision(
+            decision_id=msg_id,
+            kind="unblock",
+            subject=action.subject,
+            allowed=True,
+            reason=action.why.replace(" ", "_"),
+            quota=action.quota,
+            inputs={"why": action.why},
+            message=f"Unblock spawns of {action.subject} ({action.quota}): {action.why}.",
+        )
+        unblock = SpawnBlock(subject=action.subject, quota=action.quota, reason=action.why)
+        return record, OutboxRow(
+            msg_id, msg_id, unblock_subject(action.subject, prefix), unblock.to_json()
+        )
+    s, q = action.standing, action.standing.quota
+    unit_used = q.amount.in_unit(s.used).quantize(Decimal("0.000001")).normalize()
+    unit_limit = q.amount.in_unit(q.limit).normalize()
+    event: QuotaWarning | QuotaExceeded
+    if isinstance(action, Warn):
+        event = QuotaWarning(
+            subject=action.subject,
+            quota=q.name,
+            metric=q.metric,
+            threshold=action.threshold,
+            workload=s.workload,
+            used=unit_used,
+            limit=unit_limit,
+            unit=q.amount.unit,
+            decided_at=now,
+        )
+        kind, text = "warning", f"{action.subject} passed {action.threshold:%} of a quota"
+    else:
+        assert isinstance(action, Exceeded)
+        event = QuotaExceeded(
+            subject=action.subject,
+            quota=q.name,
+            metric=q.metric,
+            used=unit_used,
+            limit=unit_limit,
+            unit=q.amount.unit,
+            retry_at=action.retry_at,
+            workload=s.workload,
+            decided_at=now,
+        )
+        kind, text = "exceeded", f"{action.subject} went over a quota"
+    msg_id = f"{kind}-{uuid.uuid4().hex}"
+    record = decision(
+        decision_id=msg_id,
+        kind=kind,
+        subject=action.subject,
+        workload=s.workload,
+        reason=kind,
+        quota=q.name,
+        inputs=_inputs(s),
+        message=f"{text}: used {_used(s)}.",
+    )
+    return record, OutboxRow(
+        msg_id, msg_id, quota_events_subject(action.subject, prefix), event.to_json()
+    )

@@ -1,0 +1,208 @@
+"""The policy's picture of usage, pure: hour buckets per subject and per workload, by ledger seq.
+
+Built from the ledger's rollups as of one ledger sequence, then kept current by folding
+usage events strictly in sequence order: an event at or below `last_seq` is a duplicate
+(ignored), one beyond `last_seq + 1` reveals a gap (the caller fills it from the ledger).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from enum import Enum
+
+from .windows import HOUR, floor_hour, floor_minute
+
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True)
+class UsageEvent:
+    """One committed usage event, whichever way it arrived (feed or ledger table)."""
+
+    seq: int
+    subject: str
+    workload: str
+    host: str
+    metric: str
+    delta: Decimal
+    at: datetime  # the sample's time (window_end): the ledger's rollups bucket by it
+
+
+class Applied(Enum):
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    GAP = "gap"
+
+
+class Buckets:
+    """Usage of one series in hour (or minute) buckets, plus what was folded out of them.
+
+    The last window sum is remembered until the buckets change: window starts move once an
+    hour, so repeated checks of one subject cost O(1) and a changed series O(buckets).
+    """
+
+    __slots__ = ("_memo", "base", "slots")
+
+    def __init__(self) -> None:
+        self.slots: dict[datetime, Decimal] = {}
+        self.base = ZERO
+        self._memo: tuple[datetime | None, Decimal] | None = None
+
+    def add(self, slot: datetime, amount: Decimal) -> None:
+        self.slots[slot] = self.slots.get(slot, ZERO) + amount
+        self._memo = None
+
+    def add_base(self, amount: Decimal) -> None:
+        """Usage from before the first bucket kept apart."""
+        self.base += amount
+        self._memo = None
+
+    def total(self) -> Decimal:
+        return self.base + sum(self.slots.values(), ZERO)
+
+    def used_since(self, start: datetime | None) -> Decimal:
+        """Usage from `start` (None: all of it), without sorting or copying buckets."""
+        if self._memo is not None and self._memo[0] == start:
+            return self._memo[1]
+        if start is None:
+            used = self.total()
+        else:
+            used = sum((a for t, a in self.slots.items() if t >= start), ZERO)
+        self._memo = (start, used)
+        return used
+
+    def since(self, start: datetime | None) -> tuple[Decimal, list[tuple[datetime, Decimal]]]:
+        """Usage from `start` (None: all of it) and the buckets that make it up."""
+        if start is None:
+            return self.total(), sorted(self.slots.items())
+        items = sorted((t, a) for t, a in self.slots.items() if t >= start)
+        return sum((a for _, a in items), ZERO), items
+
+    def fold_before(self, cutoff: datetime) -> None:
+        """Keep only the total of buckets older than `cutoff` (they no longer matter apart)."""
+        for t in [t for t in self.slots if t < cutoff]:
+            self.base += self.slots.pop(t)
+        self._memo = None
+
+    def drop_before(self, cutoff: datetime) -> None:
+        for t in [t for t in self.slots if t < cutoff]:
+            del self.slots[t]
+        self._memo = None
+
+
+@dataclass
+class Seen:
+    """Where and when a workload's usage came from."""
+
+    subject: str
+    host: str
+    first: datetime
+    last: datetime
+
+
+@dataclass
+class UsageState:
+    """Usage per (subject, metric) and per (workload, metric), as of ledger seq `last_seq`."""
+
+    last_seq: int = 0
+    minute_metrics: frozenset[str] = frozenset()
+    subjects: dict[tuple[str, str], Buckets] = field(default_factory=dict)
+    workloads: dict[tuple[str, str], Buckets] = field(default_factory=dict)
+    minutes: dict[tuple[str, str], Buckets] = field(default_factory=dict)
+    seen: dict[str, Seen] = field(default_factory=dict)
+    by_subject: dict[str, set[str]] = field(default_factory=dict)  # subject -> workloads seen
+
+    def apply(self, event: UsageEvent) -> Applied:
+        """Fold one event if it is the next in sequence."""
+        if event.seq <= self.last_seq:
+            return Applied.DUPLICATE
+        if event.seq != self.last_seq + 1:
+            return Applied.GAP
+        self.last_seq = event.seq
+        self.add(event)
+        return Applied.APPLIED
+
+    def add(self, e: UsageEvent) -> None:
+        """Count one event's usage (no sequence check: snapshot loading and `apply`)."""
+        hour = floor_hour(e.at)
+        self.subjects.setdefault((e.subject, e.metric), Buckets()).add(hour, e.delta)
+        self.workloads.setdefault((e.workload, e.metric), Buckets()).add(hour, e.delta)
+        if e.metric in self.minute_metrics:
+            self.minutes.setdefault((e.workload, e.metric), Buckets()).add(
+                floor_minute(e.at), e.delta
+            )
+        self.note(e.workload, e.subject, e.host, e.at)
+
+    def note(
+        self, workload: str, subject: str, host: str, at: datetime, until: datetime | None = None
+    ) -> None:
+        last = until or at
+        seen = self.seen.get(workload)
+        if seen is None:
+            self.seen[workload] = Seen(subject, host, at, last)
+            self.by_subject.setdefault(subject, set()).add(workload)
+        else:
+            seen.host = host
+            seen.first, seen.last = min(seen.first, at), max(seen.last, last)
+
+    def load_hours(
+        self,
+        rows: Iterable[tuple[str, str, str, str, datetime, Decimal]],
+        *,
+        per_workload: bool,
+        now: datetime | None = None,
+    ) -> None:
+        """Rollup rows (subject, workload, host, metric, hour, total) into the buckets."""
+        for subject, workload, host, metric, hour, total in rows:
+            if per_workload:
+                self.workloads.setdefault((workload, metric), Buckets()).add(hour, total)
+                # An hour bucket says usage came in up to its end (or now, if sooner).
+                until = hour + HOUR if now is None else min(hour + HOUR, now)
+                self.note(workload, subject, host, hour, until)
+            else:
+                self.subjects.setdefault((subject, metric), Buckets()).add(hour, total)
+
+    def load_bases(self, rows: Iterable[tuple[str, str, Decimal]]) -> None:
+        """Per (subject, metric), usage older than the horizon kept in hour buckets."""
+        for subject, metric, total in rows:
+            self.subjects.setdefault((subject, metric), Buckets()).add_base(total)
+
+    def load_minutes(self, rows: Iterable[tuple[str, str, datetime, Decimal]]) -> None:
+        for workload, metric, minute, total in rows:
+            self.minutes.setdefault((workload, metric), Buckets()).add(minute, total)
+
+    def subject_usage(self, subject: str, metric: str) -> Buckets:
+        return self.subjects.get((subject, metric)) or Buckets()
+
+    def workload_usage(self, workload: str, metric: str) -> Buckets:
+        return self.workloads.get((workload, metric)) or Buckets()
+
+    def workload_minutes(self, workload: str, metric: str) -> Buckets:
+        return self.minutes.get((workload, metric)) or Buckets()
+
+    def workloads_of(self, subject: str) -> list[str]:
+        return sorted(self.by_subject.get(subject, ()))
+
+    def known_subjects(self) -> set[str]:
+        return {s for s, _ in self.subjects}
+
+    def compact(self, horizon_start: datetime, keep_workloads: set[str], now: datetime) -> None:
+        """Bound memory: fold old hours into totals, drop detail of finished workloads."""
+        for b in self.subjects.values():
+            b.fold_before(horizon_start)
+        for b in self.minutes.values():
+            b.drop_before(now - timedelta(hours=3))
+        gone = {w for w, s in self.seen.items() if w not in keep_workloads and s.last < now - DAY}
+        for key in [k for k in self.workloads if k[0] in gone]:
+            del self.workloads[key]
+        for key in [k for k in self.minutes if k[0] in gone]:
+            del self.minutes[key]
+        for w in gone:
+            seen = self.seen.pop(w)
+            self.by_subject.get(seen.subject, set()).discard(w)
+
+
+DAY = timedelta(days=1)

@@ -1,0 +1,151 @@
+"""`tollgate explain DECISION_ID`: why the policy decided what it did, from its stored inputs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.policy.units import format_number
+from tollgate.settings import Settings
+
+VERDICTS = {
+    "terminate": "workload terminated",
+    "block": "spawns blocked",
+    "unblock": "spawns unblocked",
+    "warning": "quota warning",
+    "exceeded": "quota exceeded",
+}
+
+
+def _verdict(row: asyncpg.Record) -> str:
+    if row["kind"] == "spawn":
+        return "spawn allowed" if row["allowed"] else "spawn denied"
+    return VERDICTS[row["kind"]]
+
+
+class DecisionNotFound(LookupError):
+    """No stored decision has that id (or more than one starts with it)."""
+
+
+def _when(t: datetime | str | None) -> str:
+    if t is None:
+        return "-"
+    if isinstance(t, str):
+        t = datetime.fromisoformat(t)
+    return t.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _in_unit(q: dict[str, Any], key: str) -> str:
+    value = Decimal(str(q.get(key) or 0)) / Decimal(str(q.get("factor") or 1))
+    return f"{format_number(value)} {q.get('unit', '')}".strip()
+
+
+async def find(conn: asyncpg.Connection, decision_id: str) -> asyncpg.Record:
+    """A decision by id, or by a unique prefix of it (ids are long)."""
+    rows = await conn.fetch(
+        """SELECT d.*, c.source AS config_source, o.nats_subject, o.published_at
+           FROM policy_decisions d
+           LEFT JOIN policy_configs c ON c.version = d.policy_version
+           LEFT JOIN policy_outbox o ON o.decision_id = d.decision_id
+           WHERE d.decision_id LIKE $1 || '%' ORDER BY d.decided_at LIMIT 2""",
+        decision_id,
+    )
+    if not rows:
+        raise DecisionNotFound(
+            f"no decision {decision_id!r}: decision ids are printed in spawn decisions "
+            "(decision_id) and are the command_id of terminations"
+        )
+    if len(rows) > 1 and rows[0]["decision_id"] != decision_id:
+        raise DecisionNotFound(f"{decision_id!r} matches several decisions; give more of the id")
+    return rows[0]
+
+
+def render(row: asyncpg.Record) -> str:
+    """The decision as text: verdict, message, inputs, and each quota's numbers."""
+    out = io.StringIO()
+    console = Console(file=out, width=110, highlight=False, soft_wrap=True)
+    inputs = json.loads(row["inputs"]) if row["inputs"] else {}
+    console.print(f"[bold]Decision {row['decision_id']}[/]: {_verdict(row)} "
+                  f"({row['reason']})")  # fmt: skip
+    who = row["subject"] + (f", workload {row['workload']}" if row["workload"] else "")
+    console.print(f"  at {_when(row['decided_at'])} for {who}")
+    console.print(f"  {row['message']}")
+    console.print("[bold]Based on[/]")
+    source = f" ({row['config_source']})" if row["config_source"] else ""
+    console.print(f"  policy version   {row['policy_version']}{source}")
+    console.print(f"  usage as of      ledger seq {row['as_of_seq']}")
+    console.print(f"  groups resolved  {', '.join(row['groups']) or '(none)'}")
+    if row["fail_open"] or "failure_mode" in inputs:
+        console.print(f"  failure_mode     {inputs.get('failure_mode')}: {inputs.get('why')}")
+    request = inputs.get("request")
+    if request:
+        res = request.get("resources", {})
+        mem = Decimal(str(res.get("mem_bytes", 0))) / 2**30
+        console.print(
+            f"  request          {res.get('cpus', 0)} cpus, {format_number(mem)} GiB, "
+            f"{res.get('gpus', 0)} gpus for {request.get('expected_seconds')} s"
+        )
+    if row["reservation"]:
+        held = json.loads(row["reservation"])
+        amounts = ", ".join(f"{m} {a}" for m, a in sorted(held["amounts"].items()))
+        console.print(f"  reservation      {amounts} (until {_when(held['expires'])} at most)")
+    quotas = inputs.get("quotas") or ([inputs] if "metric" in inputs else [])
+    if quotas and row["kind"] == "spawn":
+        table = Table("quota", "metric", "window", "used", "held", "this spawn", "limit")
+        for q in quotas:
+            table.add_row(
+                q["name"], q["metric"], q.get("window_text") or q["window"],
+                _in_unit(q, "used"), _in_unit(q, "reserved"), _in_unit(q, "need"),
+                _in_unit(q, "limit"),
+            )  # fmt: skip
+        console.print(table)
+    elif quotas:
+        table = Table("quota", "metric", "window", "instance", "used", "limit")
+        for q in quotas:
+            table.add_row(
+                row["quota"] or "", q["metric"], q.get("window_text") or q["window"],
+                q.get("period", ""), _in_unit(q, "used"), _in_unit(q, "limit"),
+            )  # fmt: skip
+        console.print(table)
+    if inputs.get("retry_at"):
+        console.print(f"  quota returns    {_when(inputs['retry_at'])}")
+    if row["nats_subject"]:
+        sent = _when(row["published_at"]) if row["published_at"] else "not yet published"
+        console.print(f"  sent on {row['nats_subject']}: {sent}")
+    return out.getvalue()
+
+
+async def explain_text(pool: asyncpg.Pool, decision_id: str) -> str:
+    async with pool.acquire() as conn:
+        return render(await find(conn, decision_id))
+
+
+def explain(decision_id: str = typer.Argument(..., help="a decision id or command id")) -> None:
+    """Print why the policy made a decision: verdict, inputs and each quota's numbers."""
+    _, database_url = Settings().require_servers()
+
+    async def main() -> str:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return render(await find(conn, decision_id))
+        finally:
+            await conn.close()
+
+    try:
+        typer.echo(asyncio.run(main()), nl=False)
+    except DecisionNotFound as exc:
+        typer.echo(f"tollgate explain: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(explain)
