@@ -12,6 +12,7 @@ import contextlib
 import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
@@ -35,12 +36,24 @@ class CommandNotStarted(Exception):
         self.status = status
 
 
+def not_runnable(program: str) -> CommandNotStarted | None:
+    """Why `program` cannot be run, found before starting it (behind `ip netns exec` a
+    missing command would be ip's own failure, status 1, not the shell's 127)."""
+    if shutil.which(program) is not None:
+        return None
+    if "/" in program and os.path.exists(program):
+        return CommandNotStarted(f"cannot run {program!r}: Permission denied", 126)
+    return CommandNotStarted(f"cannot run {program!r}: No such file or directory", 127)
+
+
 @dataclass
 class Output:
     """Where one of the child's streams goes, and what counts it."""
 
     sink: BinaryIO
     stripper: AnsiStripper = field(default_factory=AnsiStripper)
+    # Called after every chunk is counted: where a log quota is enforced.
+    on_output: Callable[[], None] | None = None
 
 
 @dataclass
@@ -112,6 +125,8 @@ async def _pump(
     try:
         while chunk := await reader.read(CHUNK):
             out.stripper.feed(chunk)
+            if out.on_output is not None:
+                out.on_output()
             if not forwarding:
                 continue
             try:

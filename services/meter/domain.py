@@ -17,6 +17,7 @@ from contracts.workloads import Resources
 EXIT_NO_SERVERS: Final = 2  # no NATS URL known: nothing was run
 EXIT_DENIED: Final = 3  # the spawn check said no: nothing was run
 EXIT_UNCHECKED: Final = 4  # --fail-closed and no spawn decision arrived: nothing was run
+EXIT_NO_NETNS: Final = 5  # --netns and the namespace could not be made: nothing was run
 
 MICRO: Final = Decimal("0.000001")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
@@ -103,12 +104,7 @@ class UsageAccount:
             values["cpu.used.seconds"] = exact(reading.cpu_seconds)
         if reading.mem_bytes is not None:
             values["mem.used.byte_seconds"] = exact(self._integrate(reading.at, reading.mem_bytes))
-        allocated = {
-            "cpu.alloc.seconds": self.resources.cpus,
-            "mem.alloc.byte_seconds": Decimal(self.resources.mem_bytes),
-            "gpu.alloc.seconds": Decimal(self.resources.gpus),
-        }
-        values.update({m: exact(n * elapsed) for m, n in allocated.items() if n > 0})
+        values.update(allocations(self.resources, elapsed))
         for metric, value in values.items():
             self._high[metric] = max(value, self._high.get(metric, value))
         return dict(self._high)
@@ -120,6 +116,73 @@ class UsageAccount:
             self._mem_integral += Decimal(before + mem_bytes) / 2 * Decimal(repr(at - then))
         self._last_mem = (at, mem_bytes)
         return self._mem_integral
+
+
+def allocations(resources: Resources, elapsed: Decimal) -> dict[str, Decimal]:
+    """What was allocated for `elapsed` seconds, by metric (only what was allocated at all)."""
+    per_second = {
+        "cpu.alloc.seconds": resources.cpus,
+        "mem.alloc.byte_seconds": Decimal(resources.mem_bytes),
+        "gpu.alloc.seconds": Decimal(resources.gpus),
+    }
+    return {m: exact(n * max(elapsed, Decimal(0))) for m, n in per_second.items() if n > 0}
+
+
+@dataclass
+class Integral:
+    """A sampled level (bytes, busy GPUs) integrated over time by trapezoids; resumable.
+
+    A gap between two samples (the meter was down) is bridged by the straight line between
+    them: the best estimate there is, and never a reason to lose the rest.
+    """
+
+    total: Decimal = Decimal(0)
+    last: tuple[float, Decimal] | None = None
+
+    def add(self, at: float, level: Decimal) -> Decimal:
+        """Take a sample of `level` at time `at` (seconds); return the integral so far."""
+        if self.last is not None and at > self.last[0]:
+            then, before = self.last
+            self.total += (before + level) / 2 * Decimal(repr(at - then))
+        if self.last is None or at >= self.last[0]:
+            self.last = (at, level)
+        return exact(self.total)
+
+    def to_json(self) -> list[str]:
+        if self.last is None:
+            return [str(self.total)]
+        return [str(self.total), repr(self.last[0]), str(self.last[1])]
+
+    @classmethod
+    def from_json(cls, data: list[str] | None) -> Integral:
+        if not data:
+            return cls()
+        last = (float(data[1]), Decimal(data[2])) if len(data) == 3 else None
+        return cls(Decimal(data[0]), last)
+
+
+@dataclass
+class LogQuota:
+    """dstack's per-workload hourly log quota, enforced where the log is made.
+
+    At most `limit` visible bytes in each hour counted from the workload's start (hour 0 is
+    its first hour); 0 disables it.
+    """
+
+    limit: int
+    hour: int = 0
+    used: int = 0
+    _start: int = 0
+
+    def over(self, elapsed: float, before: int, after: int) -> bool:
+        """Log output went from `before` to `after` bytes at `elapsed` s: is this hour over?"""
+        if self.limit <= 0:
+            return False
+        hour = int(elapsed // 3600)
+        if hour != self.hour:
+            self.hour, self._start = hour, before
+        self.used = after - self._start
+        return self.used > self.limit
 
 
 @dataclass

@@ -64,6 +64,12 @@ class MeterLink:
         await asyncio.wait({self._connecting}, timeout=timeout)
         return self._client() is not None
 
+    async def connected(self, timeout: float) -> Client | None:
+        """The connection once it is up, or None if that takes longer than `timeout` seconds."""
+        await self.wait_connected(timeout)
+        nc = self._client()
+        return nc if nc is not None and nc.is_connected else None
+
     async def spawn_decision(
         self, prefix: str, request: SpawnRequest, timeout: float
     ) -> SpawnDecision | NoDecision:
@@ -91,6 +97,10 @@ class MeterLink:
     def enqueue(self, message: Message) -> None:
         """Send `message` before the next batch, and keep trying until it goes."""
         self._outbox.append(message)
+
+    def pending(self) -> list[Message]:
+        """What was enqueued and not yet delivered, oldest first."""
+        return list(self._outbox)
 
     async def deliver(self, batch: Message | None = None) -> bool:
         """Send queued messages, then `batch`; True when all of them were acknowledged."""
@@ -161,6 +171,7 @@ class MeterLink:
             )
             return False
         except (nats.errors.Error, TimeoutError, OSError) as exc:
+            _cancelled_inside()
             self._failed(f"publishing to {message.subject} failed: {exc or type(exc).__name__}")
             return False
         if self._outage is not None:
@@ -176,3 +187,11 @@ class MeterLink:
                 why,
             )
         self._outage = why
+
+
+def _cancelled_inside() -> None:
+    # nats-py turns a cancellation that reaches it while waiting for its publish semaphore
+    # into an error of its own; a caller that was cancelled must still see CancelledError.
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -25,7 +25,7 @@ from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from contracts.workloads import workloads_stream
 from services.ledger.app import LedgerService
-from services.meter.cpu import CGROUP_PARENT, cgroup2_mount
+from services.meter.cgroups import PARENT, Mounts, own_path
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import total
 from tollgate.bus import ensure_streams
@@ -228,14 +228,18 @@ async def test_cpu_seconds_match_what_the_command_measured_of_itself(
 
 
 def cgroups_named_after(workload: str) -> list[Path]:
-    mount = cgroup2_mount(Path("/proc/self/mountinfo").read_text())
-    if mount is None or not (mount / CGROUP_PARENT).exists():
-        return []
-    return [p for p in (mount / CGROUP_PARENT).iterdir() if workload in p.name]
+    """The cgroups `tollgate run` made for `workload`, in every hierarchy (v2 first)."""
+    mounts, ours = Mounts.here(), Path("/proc/self/cgroup").read_text()
+    parents = [mounts.v2 / PARENT] if mounts.v2 else []
+    for mount, controller in ((mounts.cpuacct, "cpuacct"), (mounts.memory, "memory")):
+        if mount is not None:
+            parents.append(mount / own_path(ours, controller).lstrip("/") / PARENT)
+    return [p for parent in parents if parent.is_dir() for p in parent.iterdir()
+            if workload in p.name]  # fmt: skip
 
 
 def populated(cgroup: Path) -> bool:
-    return "populated 1" in (cgroup / "cgroup.events").read_text()
+    return bool((cgroup / "cgroup.procs").read_text().split())
 
 
 async def test_a_cgroup_left_by_a_killed_run_is_swept_by_the_next_run(

@@ -15,8 +15,11 @@ from contracts.samples import CounterBatch
 from contracts.workloads import Resources
 from services.meter.domain import (
     BatchSequence,
+    Integral,
+    LogQuota,
     Reading,
     UsageAccount,
+    allocations,
     exact,
     exit_status,
     new_epoch,
@@ -157,3 +160,36 @@ def test_each_run_gets_its_own_epoch() -> None:
     one = BatchSequence(host="h", subject="s", workload="w")
     two = BatchSequence(host="h", subject="s", workload="w")
     assert one.epoch != two.epoch
+
+
+def test_the_log_quota_counts_hours_from_the_start_of_the_workload() -> None:
+    quota = LogQuota(limit=1000)
+    assert not quota.over(10.0, 0, 600)
+    assert not quota.over(3599.0, 600, 1000)  # exactly the limit is allowed
+    assert quota.over(3599.5, 1000, 1001) and quota.used == 1001
+    # Hour 2 starts from what had been written when it began.
+    assert not quota.over(3600.0, 1001, 1900)
+    assert (quota.hour, quota.used) == (1, 899)
+    assert quota.over(7000.0, 1900, 2002)
+
+
+def test_a_log_quota_of_zero_is_off() -> None:
+    assert not LogQuota(limit=0).over(1.0, 0, 10**12)
+
+
+def test_integrals_take_trapezoids_and_resume_from_their_saved_form() -> None:
+    mem = Integral()
+    assert mem.add(100.0, Decimal(0)) == 0
+    assert mem.add(102.0, Decimal(1000)) == 1000  # (0 + 1000) / 2 * 2 s
+    again = Integral.from_json(mem.to_json())
+    assert again.add(112.0, Decimal(1000)) == 11000  # a 10 s gap while the agent was down
+    assert again.add(111.0, Decimal(5)) == 11000  # a clock that went back adds nothing
+
+
+def test_allocations_are_what_was_given_times_how_long() -> None:
+    given = Resources(cpus=Decimal("1.5"), mem_bytes=2**30, gpus=0)
+    assert allocations(given, Decimal("2")) == {
+        "cpu.alloc.seconds": Decimal("3"),
+        "mem.alloc.byte_seconds": Decimal(2**31),
+    }
+    assert allocations(given, Decimal("-1"))["cpu.alloc.seconds"] == 0

@@ -15,15 +15,28 @@ from pydantic import ValidationError
 
 from contracts._base import utcnow
 from contracts.workloads import Resources, WorkloadStarted
+from services.meter.addresses import V4_POOL, V6_POOL, Pools
 from services.meter.domain import EXIT_NO_SERVERS, new_workload_id, parse_size
+from services.meter.netrules import LanList, RuleError
 from services.meter.run import RunOptions, run_workload
 from tollgate.settings import Settings
 
 HELP = """Run CMD metered: ask for a spawn decision, pass its output through, report usage.
 
-Exits with CMD's status (128+N if signal N killed it), or without running CMD:
-2 when NATS is unknown, 3 when the spawn was denied, 4 when --fail-closed and no decision came.
+Exits with CMD's status (128+N if signal N killed it, or if Tollgate terminated it: a
+termination command for this workload, or --log-quota-per-hour; the reason is printed), or
+without running CMD: 2 when NATS is unknown, 3 when the spawn was denied, 4 when
+--fail-closed and no decision came, 5 when --netns could not make the namespace.
 """
+
+
+def lan_list(cidrs: list[str]) -> LanList:
+    """The LAN networks from repeated/comma-separated options, or SPEC 6's default list."""
+    texts = [t for c in cidrs for t in c.split(",") if t.strip()]
+    try:
+        return LanList.parse(texts) if texts else LanList.default()
+    except RuleError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--lan-cidr") from None
 
 
 def _configure_logging() -> None:
@@ -101,9 +114,37 @@ def register(app: typer.Typer) -> None:
         flush_timeout: float = typer.Option(
             10.0, min=0, help="seconds to keep trying to deliver the final report"
         ),
+        netns: bool = typer.Option(
+            False,
+            "--netns",
+            help="run CMD in a network namespace of its own, NATed to the host, so its LAN "
+            "and WAN bytes in and out are counted (needs root)",
+        ),
+        lan_cidr: list[str] = typer.Option(
+            [],
+            envvar="TOLLGATE_LAN_CIDRS",
+            help="a network counted as LAN (repeatable or comma-separated; default: private, "
+            "link-local, loopback and CGNAT ranges); everything else is WAN",
+        ),
+        log_quota_per_hour: str = typer.Option(
+            "0",
+            help="kill CMD once it logs more than this in one hour of its run, e.g. 50MB "
+            "(counted after ANSI stripping; 0 disables)",
+        ),
+        netns_pool_v4: str = typer.Option(V4_POOL, help="IPv4 addresses for --netns"),
+        netns_pool_v6: str = typer.Option(V6_POOL, help="IPv6 addresses for --netns"),
     ) -> None:
         _configure_logging()
         resources = _resources(cpus, mem, gpus)
+        lan = lan_list(lan_cidr)
+        try:
+            quota = parse_size(log_quota_per_hour)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--log-quota-per-hour") from None
+        try:
+            pools = Pools.parse(netns_pool_v4, netns_pool_v6)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--netns-pool-v4/v6") from None
         settings = Settings().with_endpoints()
         if not settings.nats_url:
             typer.echo(
@@ -126,6 +167,10 @@ def register(app: typer.Typer) -> None:
             use_cgroup=cgroup,
             spawn_timeout=spawn_timeout,
             flush_timeout=flush_timeout,
+            netns=netns,
+            lan=lan,
+            pools=pools,
+            log_quota_per_hour=quota,
         )
         _check_names(options)
         try:
