@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -15,7 +14,6 @@ from pathlib import Path
 import httpx
 import nats
 import nats.js.errors
-import pytest
 
 from tests.conftest import unique, wait_until
 from tests.servers import TestServers
@@ -41,21 +39,6 @@ def stop(proc: subprocess.Popen[bytes], log: Path) -> int:
     except subprocess.TimeoutExpired:
         proc.kill()
         raise AssertionError(f"did not stop on Ctrl-C; log:\n{log.read_text()[-3000:]}") from None
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for p in started:
-        # Ctrl-C first: a SIGKILLed `tollgate up` would leave its embedded servers running.
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(10)
 
 
 async def publish_raw(nats_url: str, prefix: str, host: str, seq: int, subject: str, value: int):
