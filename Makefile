@@ -9,20 +9,19 @@ STAMP := $(VENV)/.installed
 .PHONY: install system-deps run test lint typecheck unit integration e2e bench clean
 
 # Debian packages: iptables and iproute2 for the meter (accounting chains, network
-# namespaces), chromium for the web page's browser tests. Installed when missing and we
-# may (root with apt-get); elsewhere the tests that need them skip with the reason.
-SYSTEM_TOOLS := iptables:iptables ip6tables:iptables iptables-save:iptables ip:iproute2 \
-	chromium:chromium
+# namespaces); chromium and two font packages for the web page's browser test. Installed
+# when missing and we may (root with apt-get); elsewhere the tests that need them skip.
+DEB_PACKAGES := iptables iproute2 chromium fonts-dejavu-core fonts-liberation
 system-deps:
-	@pkgs=""; for tp in $(SYSTEM_TOOLS); do t=$${tp%%:*}; p=$${tp##*:}; \
-	  command -v $$t >/dev/null 2>&1 || pkgs="$$pkgs $$p"; done; \
-	pkgs=$$(echo $$pkgs | tr ' ' '\n' | sort -u | tr '\n' ' '); \
-	if [ -n "$${pkgs// /}" ]; then \
+	@command -v dpkg-query >/dev/null 2>&1 || { echo "Note: not a Debian system; install $(DEB_PACKAGES) yourself or the tests that need them skip"; exit 0; }; \
+	missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-	    echo "Installing Debian packages:$$pkgs"; \
-	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$pkgs >/dev/null; \
+	    echo "Installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
-	    echo "Note: missing$$pkgs and cannot install them here; the tests that need them skip"; \
+	    echo "Note: missing$$missing and cannot install them here; the tests that need them skip"; \
 	  fi; \
 	fi
 

@@ -20,17 +20,34 @@ from tollgate.settings import Settings
 from . import errors
 from .deps import ApiDeps, AuthKeys
 from .errors import ApiStartupError
-from .routes import audit, health, quotas, usage
+from .hub import HubAuthenticator
+from .metrics import RequestMetrics
+from .options import ApiOptions, options_from_environment
+from .ratelimit import RateLimiter
+from .routes import audit, health, metrics, quotas, reports, spawn, usage, web, workloads
 
 DESCRIPTION = """Usage and quotas of Tollgate subjects.
 
 Authenticate with `Authorization: Bearer <token>`: mint one with
-`tollgate token issue --subject NAME --role user`, or use the admin token.
+`tollgate token issue --subject NAME --role user`, use the admin token, or (JupyterHub
+mode) a hub API token. Each principal may make `TOLLGATE_API_RATE_PER_SECOND` requests
+per second with bursts of `TOLLGATE_API_RATE_BURST`; beyond that the answer is 429 with
+`Retry-After`. People sign in to the web page at `/`.
 """
 
 
-def create_app(settings: Settings, deps: ApiDeps | None = None) -> FastAPI:
-    """The FastAPI app. With `deps` it uses those connections and never opens or closes any."""
+def create_app(
+    settings: Settings, deps: ApiDeps | None = None, options: ApiOptions | None = None
+) -> FastAPI:
+    """The FastAPI app. With `deps` it uses those connections and never opens or closes any.
+
+    `options` default to the TOLLGATE_* environment (JupyterHub, rate limits, timeouts).
+    """
+    if options is None:
+        try:
+            options = options_from_environment()
+        except ValueError as exc:
+            raise ApiStartupError(f"{exc}; fix the variable or unset it") from None
     app = FastAPI(
         title="Tollgate", version="1", description=DESCRIPTION, lifespan=_lifespan(settings)
     )
@@ -44,9 +61,19 @@ def create_app(settings: Settings, deps: ApiDeps | None = None) -> FastAPI:
             f"the token secret is empty; set TOLLGATE_TOKEN_SECRET or delete "
             f"{settings.data_dir / 'token-secret'} so a new one is made"
         )
-    app.state.keys = AuthKeys(token_secret=secret, admin_token=settings.resolved_admin_token())
+    hub = None
+    if options.jupyterhub_api_url:
+        hub = HubAuthenticator(
+            options.jupyterhub_api_url, options.jupyterhub_cache_seconds, options.jupyterhub_timeout
+        )
+    app.state.keys = AuthKeys(
+        token_secret=secret, admin_token=settings.resolved_admin_token(), hub=hub
+    )
+    app.state.options = options
+    app.state.limiter = RateLimiter(options.api_rate_per_second, options.api_rate_burst)
     errors.install(app)
-    for module in (health, usage, quotas, audit):
+    app.add_middleware(RequestMetrics)
+    for module in (health, metrics, web, usage, quotas, workloads, spawn, reports, audit):
         app.include_router(module.router)
     return app
 
@@ -97,8 +124,11 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
             f"cannot open Postgres at {_where(s.database_url)} (TOLLGATE_DATABASE_URL): "
             f"{exc}; check that the server is up"
         ) from exc
-    deps = ApiDeps(pool=pool, nc=None, config=config, nats_address=_where(s.nats_url))
-    # NATS is joined in the background: none of these endpoints need it, and the client
+    deps = ApiDeps(
+        pool=pool, nc=None, config=config, nats_address=_where(s.nats_url), prefix=s.prefix
+    )
+    # NATS is joined in the background: only spawn checks and a part of /metrics need it
+    # (and answer without it), and the client
     # retries forever, so waiting for it would leave the API silent while NATS is down.
     # /readyz reports it until it is connected.
     joining = asyncio.create_task(_join_nats(deps, s.nats_url))

@@ -16,8 +16,13 @@ import asyncpg
 from fastapi import Depends, HTTPException, Request
 from nats.aio.client import Client
 
+from contracts._base import DEFAULT_PREFIX
 from services.policy.config import PolicyConfig
 from services.policy.source import ConfigSource
+
+from .hub import HubAuthenticator
+from .options import ApiOptions
+from .ratelimit import RateLimiter
 
 log = logging.getLogger("tollgate.api")
 
@@ -34,6 +39,7 @@ class AuthKeys:
 
     token_secret: str
     admin_token: str | None = None
+    hub: HubAuthenticator | None = None  # JupyterHub mode, when TOLLGATE_JUPYTERHUB_API_URL is set
 
 
 @dataclass
@@ -45,9 +51,10 @@ class ApiDeps:
     config: ConfigSource
     clock: Clock = field(default=utc_now)
     nats_address: str = "NATS"  # host:port, for messages while not connected
+    prefix: str = DEFAULT_PREFIX
 
 
-def _deps(request: Request) -> ApiDeps:
+async def _deps(request: Request) -> ApiDeps:
     deps: ApiDeps | None = getattr(request.app.state, "deps", None)
     if deps is None:
         # Only reachable when the app is served without its lifespan.
@@ -55,25 +62,39 @@ def _deps(request: Request) -> ApiDeps:
     return deps
 
 
-def _pool(deps: Annotated[ApiDeps, Depends(_deps)]) -> asyncpg.Pool:
+async def _pool(deps: Annotated[ApiDeps, Depends(_deps)]) -> asyncpg.Pool:
     return deps.pool
 
 
-def _config(deps: Annotated[ApiDeps, Depends(_deps)]) -> PolicyConfig:
+async def _config(deps: Annotated[ApiDeps, Depends(_deps)]) -> PolicyConfig:
     return deps.config.current()
 
 
-def _clock(deps: Annotated[ApiDeps, Depends(_deps)]) -> Clock:
+async def _clock(deps: Annotated[ApiDeps, Depends(_deps)]) -> Clock:
     return deps.clock
 
 
-def _keys(request: Request) -> AuthKeys:
+async def _keys(request: Request) -> AuthKeys:
     keys: AuthKeys = request.app.state.keys
     return keys
 
 
+async def _limiter(request: Request) -> RateLimiter:
+    limiter: RateLimiter = request.app.state.limiter
+    return limiter
+
+
+async def _options(request: Request) -> ApiOptions:
+    options: ApiOptions = request.app.state.options
+    return options
+
+
+# The providers are `async def` although they never wait: FastAPI runs plain `def`
+# dependencies in a thread pool, a hop per dependency per request.
 DepsDep = Annotated[ApiDeps, Depends(_deps)]
 PoolDep = Annotated[asyncpg.Pool, Depends(_pool)]
 ConfigDep = Annotated[PolicyConfig, Depends(_config)]
 ClockDep = Annotated[Clock, Depends(_clock)]
 KeysDep = Annotated[AuthKeys, Depends(_keys)]
+LimiterDep = Annotated[RateLimiter, Depends(_limiter)]
+OptionsDep = Annotated[ApiOptions, Depends(_options)]

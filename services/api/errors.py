@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
@@ -29,15 +30,20 @@ class ApiStartupError(RuntimeError):
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = [
-        {
-            "loc": [str(p) for p in err.get("loc", ())],
-            "msg": str(err.get("msg", "invalid")).removeprefix("Value error, "),
-        }
-        for err in exc.errors()
+        {"loc": [str(p) for p in err.get("loc", ())], "msg": _msg(err)} for err in exc.errors()
     ]
     # `loc` is ("query", "group_by"): name the parameter the way the user wrote it.
-    detail = "; ".join(f"{'.'.join(e['loc'][1:]) or 'request'}: {e['msg']}" for e in errors)
+    detail = "; ".join(
+        f"{'.'.join(e['loc'][1:]) or (e['loc'] or ['request'])[0]}: {e['msg']}" for e in errors
+    )
     return JSONResponse({"detail": detail, "errors": errors}, status_code=422)
+
+
+def _msg(err: Any) -> str:
+    if err.get("type") == "json_invalid":
+        where = (err.get("ctx") or {}).get("error", "")
+        return f"not valid JSON ({where}); send a JSON object" if where else "not valid JSON"
+    return str(err.get("msg", "invalid")).removeprefix("Value error, ")
 
 
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:

@@ -87,6 +87,9 @@ class QuotaPublic(Public):
         description="when usage falls back under the limit if nothing more is used"
     )
     enforce: list[str]
+    warn_at: list[DecimalText] = Field(
+        default_factory=list, description="fractions of the limit at which a warning is given"
+    )
 
 
 class QuotasPublic(Public):
@@ -97,3 +100,129 @@ class QuotasPublic(Public):
     as_of_seq: int
     as_of: UtcDatetime | None
     lag_seconds: float | None = Field(description="age of the newest committed usage")
+
+
+# ---- spawn checks ----------------------------------------------------------------------
+
+
+class QuotaStatusPublic(Public):
+    """One quota as the spawn decision saw it, in the quota's unit."""
+
+    name: str
+    metric: str
+    unit: str
+    used: DecimalText
+    limit: DecimalText
+    remaining: DecimalText
+    reserved: DecimalText = Field(description="held for spawns allowed but not yet running")
+    window: str
+    state: Literal["ok", "warning", "exceeded"]
+    retry_at: UtcDatetime | None
+    enforce: list[str]
+
+
+class SpawnDecisionPublic(Public):
+    """The policy's answer to a spawn check: the same fields as the NATS reply."""
+
+    schema_: Literal["tollgate.spawn_decision.v1"] = Field(
+        default="tollgate.spawn_decision.v1", alias="schema"
+    )
+    decision_id: str = Field(description="`tollgate explain DECISION_ID` shows its inputs")
+    allowed: bool
+    reason: str
+    message: str = Field(description="a sentence for the person who asked to spawn")
+    quotas: list[QuotaStatusPublic]
+    fail_open: bool = Field(
+        description="true when allowed only because usage or the policy could not be checked"
+    )
+    retry_at: UtcDatetime | None = None
+
+
+# ---- workloads -------------------------------------------------------------------------
+
+
+class MetricTotal(Public):
+    metric: str
+    unit: str = Field(description="base unit of the total: B, byte·s, s, or '' for counts")
+    total: DecimalText
+    events: int
+
+
+class ResourcesPublic(Public):
+    cpus: DecimalText
+    mem_bytes: int
+    gpus: int
+    gpu_model: str | None
+
+
+class TerminationPublic(Public):
+    """The policy's decision to terminate the workload, with its explanation."""
+
+    decision_id: str
+    decided_at: UtcDatetime
+    reason: str
+    quota: str | None
+    message: str
+
+
+class WorkloadPublic(Public):
+    workload: str
+    subject: str
+    host: str | None = Field(description="where it ran (the host that announced it)")
+    hosts: list[str] = Field(description="every host that reported usage for it")
+    state: Literal["running", "stopped", "terminated", "unknown"] = Field(
+        description="unknown: no lifecycle event reached the policy, only usage"
+    )
+    state_detail: str
+    groups: list[str]
+    resources: ResourcesPublic | None
+    started_at: UtcDatetime | None
+    stopped_at: UtcDatetime | None
+    exit_status: int | None
+    termination_reason: str | None
+    termination: TerminationPublic | None
+    usage_from: UtcDatetime | None = Field(description="start of the first hour with usage")
+    usage_to: UtcDatetime | None = Field(description="end of the last hour with usage")
+    usage: list[MetricTotal]
+    as_of_seq: int
+    as_of: UtcDatetime | None
+
+
+# ---- reports ---------------------------------------------------------------------------
+
+
+class ReportGroupBy(StrEnum):
+    SUBJECT = "subject"
+    WORKLOAD = "workload"
+    HOST = "host"
+    DAY = "day"
+
+
+class ReportFormat(StrEnum):
+    JSON = "json"
+    CSV = "csv"
+
+
+class ReportRow(Public):
+    """Total of one metric for one subject (and workload, host or day when grouped so)."""
+
+    subject: str
+    metric: str
+    unit: str
+    total: DecimalText
+    events: int
+    workload: str | None = Field(default=None, exclude_if=_absent)
+    host: str | None = Field(default=None, exclude_if=_absent)
+    day: date | None = Field(default=None, exclude_if=_absent, description="UTC day")
+
+
+class UsageReportPublic(Public):
+    from_: UtcDatetime = Field(alias="from", description="start of the first hour counted")
+    to: UtcDatetime = Field(description="end of the last hour counted (exclusive)")
+    group_by: ReportGroupBy
+    metric: str | None
+    subjects: int = Field(description="subjects with usage in the range")
+    rows: list[ReportRow]
+    totals: list[MetricTotal] = Field(description="every subject together, per metric")
+    as_of_seq: int
+    as_of: UtcDatetime | None

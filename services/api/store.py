@@ -10,7 +10,7 @@ import asyncpg
 
 from services.policy.store import ledger_head
 
-from .models import GroupBy
+from .models import GroupBy, ReportGroupBy
 
 # The grouping column for each group_by. Only these fixed strings reach the SQL text.
 _GROUP_SQL = {
@@ -67,3 +67,57 @@ async def usage_totals(
         rows = await conn.fetch(sql, subject, start, end, metric, *extra)
     totals = [UsageTotal(r["metric"], r["grp"], r["total"], int(r["events"])) for r in rows]
     return UsageSnapshot(totals, seq, committed_at)
+
+
+_REPORT_GROUP_SQL = {
+    ReportGroupBy.SUBJECT: "NULL::text",
+    ReportGroupBy.WORKLOAD: "workload",
+    ReportGroupBy.HOST: "host",
+    ReportGroupBy.DAY: "(date_trunc('day', hour, 'UTC') AT TIME ZONE 'UTC')::date",
+}
+
+
+@dataclass(frozen=True)
+class ReportTotal:
+    subject: str
+    metric: str
+    group: str | date | None
+    total: Decimal
+    events: int
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    rows: list[ReportTotal]
+    truncated: bool  # more than the rows asked for exist
+    as_of_seq: int
+    as_of: datetime | None
+
+
+async def usage_report(
+    pool: asyncpg.Pool,
+    start: datetime,
+    end: datetime,
+    metric: str | None,
+    group_by: ReportGroupBy,
+    max_rows: int,
+) -> UsageReport:
+    """Totals per subject, metric (and group) over hour buckets in [start, end)."""
+    group = _REPORT_GROUP_SQL[group_by]
+    sql = f"""
+        SELECT subject, metric, {group} AS grp, sum(total) AS total,
+               sum(events)::bigint AS events
+        FROM usage_hourly
+        WHERE hour >= $1 AND hour < $2 AND ($3::text IS NULL OR metric = $3)
+        GROUP BY subject, metric, grp
+        ORDER BY subject, metric, grp
+        LIMIT $4
+    """
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
+        seq, committed_at = await ledger_head(conn)
+        rows = await conn.fetch(sql, start, end, metric, max_rows + 1)
+    totals = [
+        ReportTotal(r["subject"], r["metric"], r["grp"], r["total"], int(r["events"]))
+        for r in rows[:max_rows]
+    ]
+    return UsageReport(totals, len(rows) > max_rows, seq, committed_at)

@@ -35,11 +35,20 @@ SIGNED_ROLES = frozenset({Role.AUDITOR, Role.INTEGRATOR, Role.USER})
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request acts as. `subject` is None for the admin."""
+    """Who a request acts as. `subject` is None for the admin.
+
+    `groups` are the groups an identity provider (JupyterHub) says the subject is in.
+    """
 
     role: Role
     subject: str | None
     expires_at: datetime | None = None
+    groups: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Who this is, for rate limits: one bucket per role and subject."""
+        return f"{self.role.value}:{self.subject or ''}"
 
 
 class TokenError(Exception):

@@ -304,6 +304,7 @@ async def test_quotas_show_ok_warning_and_exceeded_with_retry_at(
         # Back under the limit once the 60 MB hour (NOW - 47 h) leaves the 2-day window.
         "retry_at": hour(NOW - 47 * H + H + timedelta(days=2)),
         "enforce": ["spawn"],
+        "warn_at": ["0.8"],
     }
     assert {k: states[over]["cpu-month"][k] for k in ("unit", "used", "limit", "remaining")} == {
         "unit": "core·h",

@@ -45,6 +45,7 @@ def _port_free(host: str, port: int) -> bool:
 
 def _banner(settings: Settings, api_url: str, token_from_env: bool, demo: bool) -> None:
     console.print(f"[bold green]Tollgate is up.[/] API: [bold]{api_url}[/]  (docs: {api_url}/docs)")
+    console.print(f"  Web page:  {api_url}/  (sign in with a token from `tollgate token issue`)")
     console.print(f"  NATS:      {settings.nats_url}")
     console.print(f"  Postgres:  {settings.database_url}")
     token_file = settings.data_dir / "admin-token"

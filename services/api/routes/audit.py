@@ -19,7 +19,7 @@ router = APIRouter(tags=["audit"])
 AUDIT_ROLES = frozenset({Role.ADMIN, Role.AUDITOR})
 
 
-def _auditor(principal: CurrentUser) -> Principal:
+async def _auditor(principal: CurrentUser) -> Principal:
     if principal.role not in AUDIT_ROLES:
         raise HTTPException(
             403,

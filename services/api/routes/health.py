@@ -6,8 +6,7 @@ import asyncio
 
 import asyncpg
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from fastapi.responses import JSONResponse
 
 from tollgate.db import pending_migrations
 
@@ -89,13 +88,3 @@ async def _postgres(pool: asyncpg.Pool) -> dict[str, Check]:
             ),
         }
     return {"postgres": postgres, "migrations": Check(ok=True, detail="schema is current")}
-
-
-@router.get(
-    "/metrics",
-    response_class=PlainTextResponse,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}},
-)
-async def metrics() -> PlainTextResponse:
-    """Prometheus text: this process's metrics (under `tollgate up`, every service's)."""
-    return PlainTextResponse(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from services.policy.quotas import subject_quotas
-
-from ..auth import ReadableSubject
+from ..auth import CurrentUser, ReadableSubject
 from ..deps import ClockDep, ConfigDep, PoolDep
 from ..models import QuotaPublic, QuotasPublic
+from ..subjects import quotas_of
 
 router = APIRouter(tags=["quotas"])
 
@@ -19,11 +18,15 @@ router = APIRouter(tags=["quotas"])
     responses={401: {}, 404: {}, 422: {}},
 )
 async def get_quotas(
-    subject: ReadableSubject, pool: PoolDep, config: ConfigDep, clock: ClockDep
+    subject: ReadableSubject,
+    principal: CurrentUser,
+    pool: PoolDep,
+    config: ConfigDep,
+    clock: ClockDep,
 ) -> QuotasPublic:
     """Used, limit, remaining and state of every quota that applies, with retry_at and lag."""
     now = clock()
-    found = await subject_quotas(pool, config, subject, now=now)
+    found = await quotas_of(pool, config, subject, principal, now)
     # Clock skew between this host and Postgres is not lag: never report it as negative.
     lag = None if found.as_of is None else max(0.0, (now - found.as_of).total_seconds())
     return QuotasPublic(
@@ -43,6 +46,7 @@ async def get_quotas(
                 state=st.state,
                 retry_at=st.retry_at,
                 enforce=st.enforce,
+                warn_at=list(q.warn_at),
             )
             for q, st in zip(found.quotas, found.statuses, strict=True)
         ],

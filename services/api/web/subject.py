@@ -1,0 +1,225 @@
+"""The page a subject sees: quota bars, usage charts, decisions and workloads."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from html import escape as e
+from urllib.parse import urlencode
+
+from services.policy.units import format_number
+
+from ..tokens import Principal, Role
+from .page import layout, span, when
+
+SEVERITY = {"exceeded": 0, "warning": 1, "ok": 2}
+STATE_TEXT = {"ok": "OK", "warning": "Warning", "exceeded": "Exceeded"}
+KIND_TEXT = {
+    "terminate": "Workload terminated",
+    "block": "Spawns blocked",
+    "unblock": "Spawns allowed again",
+    "warning": "Quota warning",
+    "exceeded": "Quota exceeded",
+}
+RANGES = ("24h", "7d", "30d", "90d")
+RANGE_TEXT = {"24h": "24 hours", "7d": "7 days", "30d": "30 days", "90d": "90 days"}
+
+
+@dataclass(frozen=True)
+class QuotaView:
+    name: str
+    metric: str
+    window_text: str
+    unit: str
+    used: Decimal
+    limit: Decimal
+    remaining: Decimal
+    state: str
+    retry_at: datetime | None
+    enforce: Sequence[str]
+    warn_at: Sequence[Decimal]
+
+
+@dataclass(frozen=True)
+class ChartView:
+    metric: str
+    title: str
+    svg: str
+    total: str
+    per: str  # what one bar is, e.g. 'GiB·h per day'
+
+
+@dataclass(frozen=True)
+class EventView:
+    kind: str
+    decided_at: datetime
+    message: str
+    decision_id: str
+    workload: str | None
+    allowed: bool | None
+    fail_open: bool
+
+
+@dataclass(frozen=True)
+class WorkloadView:
+    workload: str
+    host: str
+    started_at: datetime | None
+    stopped_at: datetime | None
+    exit_status: int | None
+    stop_reason: str | None
+
+
+@dataclass
+class SubjectPage:
+    subject: str
+    viewer: Principal
+    now: datetime
+    range_key: str
+    groups: Sequence[str] = ()
+    quotas: Sequence[QuotaView] = ()
+    charts: Sequence[ChartView] = ()
+    events: Sequence[EventView] = ()
+    workloads: Sequence[WorkloadView] = ()
+    as_of_seq: int = 0
+    as_of: datetime | None = None
+    policy_version: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _quota_card(q: QuotaView, now: datetime) -> str:
+    fraction = (q.used / q.limit) if q.limit > 0 else Decimal(1 if q.used > 0 else 0)
+    pct = float(fraction) * 100
+    fill = min(pct, 100.0)
+    ticks = "".join(
+        f'<line class="tick" x1="{float(w) * 100:.2f}" x2="{float(w) * 100:.2f}" y1="0" y2="8" '
+        'vector-effect="non-scaling-stroke"/>'
+        for w in q.warn_at
+    )
+    unit = f" {e(q.unit)}" if q.unit else ""
+    if q.state == "exceeded":
+        foot = f"Over by {format_number(q.used - q.limit)}{unit}"
+    else:
+        foot = f"{format_number(q.remaining)}{unit} left"
+    enforce = ", ".join(q.enforce) or "report only"
+    returns = ""
+    if q.retry_at is not None:
+        returns = (
+            f'<div class="returns">Quota returns {when(q.retry_at)} '
+            f"(in {span(q.retry_at - now)})</div>"
+        )
+    elif q.state == "exceeded":
+        returns = '<div class="returns">Quota returns when the window starts over</div>'
+    return (
+        f'<article class="card quota {e(q.state)}" data-quota="{e(q.name)}" '
+        f'data-state="{e(q.state)}">'
+        f'<div class="head"><span class="name">{e(q.name)}</span>'
+        f'<span class="pill {e(q.state)}">{STATE_TEXT.get(q.state, e(q.state))}</span></div>'
+        f'<div class="what">{e(q.metric)} · {e(q.window_text)}</div>'
+        f'<div class="numbers"><span class="used">{format_number(q.used)}'
+        f"<small> of {format_number(q.limit)}{unit}</small></span>"
+        f'<span class="pct">{pct:.0f}%</span></div>'
+        '<svg class="bar" viewBox="0 0 100 8" preserveAspectRatio="none" role="img" '
+        f'aria-label="{pct:.0f}% used"><rect class="track" width="100" height="8" rx="4"/>'
+        f'<rect class="fill" width="{fill:.2f}" height="8" rx="4"/>{ticks}</svg>'
+        f'<div class="foot">{foot} · enforced on {e(enforce)}</div>{returns}</article>'
+    )
+
+
+def _chart_card(c: ChartView) -> str:
+    return (
+        f'<article class="card chart-card" data-metric="{e(c.metric)}">'
+        f'<div class="title"><b>{e(c.title)}</b><span>{e(c.total)}</span></div>'
+        f'<div class="sub">{e(c.metric)} · {e(c.per)}</div>{c.svg}</article>'
+    )
+
+
+def _event(ev: EventView) -> str:
+    if ev.kind == "spawn":
+        what = "Spawn allowed without a check" if ev.fail_open else "Spawn denied"
+    else:
+        what = KIND_TEXT.get(ev.kind, ev.kind)
+    target = f" · {e(ev.workload)}" if ev.workload else ""
+    return (
+        f'<tr class="event" data-kind="{e(ev.kind)}"><td class="when">{when(ev.decided_at)}</td>'
+        f"<td><b>{e(what)}</b>{target}<div class=msg>{e(ev.message)}</div>"
+        f'<div class="id">tollgate explain {e(_short(ev.decision_id))}</div></td></tr>'
+    )
+
+
+def _short(decision_id: str) -> str:
+    """Ids are long hex; `tollgate explain` takes any unique prefix of them."""
+    return decision_id if len(decision_id) <= 24 else decision_id[:12]
+
+
+def _workload(w: WorkloadView) -> str:
+    ended = "still running" if w.stopped_at is None else when(w.stopped_at)
+    if w.stopped_at is None:
+        state = '<span class="pill ok">running</span>'
+    elif w.stop_reason:
+        state = f'<span class="pill exceeded">{e(w.stop_reason)}</span>'
+    else:
+        code = "" if w.exit_status is None else f" ({w.exit_status})"
+        state = f'<span class="pill">stopped{e(code)}</span>'
+    return (
+        f"<tr><td><b>{e(w.workload)}</b><div class=id>{e(w.host)}</div></td>"
+        f'<td class="when">{when(w.started_at)}<br>{ended}</td><td>{state}</td></tr>'
+    )
+
+
+def render(p: SubjectPage) -> str:
+    groups = ", ".join(p.groups) or "none"
+    lag = ""
+    if p.as_of is not None:
+        age = p.now - p.as_of
+        lag = " (just now)" if age < timedelta(seconds=5) else f" ({span(age)} ago)"
+    as_of = f"usage as of ledger seq {p.as_of_seq:,}{lag}" if p.as_of_seq else "no usage yet"
+    urgent = sorted(p.quotas, key=lambda q: (SEVERITY.get(q.state, 3), q.name))
+    quotas = (
+        '<div class="grid">' + "".join(_quota_card(q, p.now) for q in urgent) + "</div>"
+        if p.quotas
+        else '<div class="card empty-state">No quota applies to you.</div>'
+    )
+    tabs = "".join(
+        f'<a class="{"on" if k == p.range_key else ""}" href="/?{_query(p, k)}">{RANGE_TEXT[k]}</a>'
+        for k in RANGES
+    )
+    charts = (
+        '<div class="grid charts">' + "".join(_chart_card(c) for c in p.charts) + "</div>"
+        if p.charts
+        else f'<div class="card empty-state">No usage in the last {RANGE_TEXT[p.range_key]}.</div>'
+    )
+    events = (
+        "<table><tbody>" + "".join(_event(ev) for ev in p.events) + "</tbody></table>"
+        if p.events
+        else '<p class="empty-state">No denials, warnings or terminations in the last 30 days.</p>'
+    )
+    workloads = (
+        "<table><thead><tr><th>Workload</th><th>Started / ended</th><th>State</th></tr></thead>"
+        "<tbody>" + "".join(_workload(w) for w in p.workloads) + "</tbody></table>"
+        if p.workloads
+        else '<p class="empty-state">No workloads announced to the policy yet.</p>'
+    )
+    notes = "".join(f'<p class="muted small">{e(n)}</p>' for n in p.notes)
+    body = (
+        f'<main class="wrap"><section class="hero"><h1>{e(p.subject)}</h1>'
+        f'<p class="muted">Groups: {e(groups)} · {e(as_of)}</p></section>'
+        f"<section><h2>Quotas</h2>{quotas}</section>"
+        f'<section><div class="section-head"><h2>Usage over time</h2><nav class="tabs">{tabs}'
+        f"</nav></div>{charts}</section>"
+        '<section class="cols"><div class="card"><h2>Recent denials and terminations</h2>'
+        f'{events}</div><div class="card"><h2>Workloads</h2>{workloads}</div></section>'
+        f"{notes}</main>"
+        f'<footer class="wrap muted">Tollgate · quota file version {e(p.policy_version)} · '
+        'numbers in the API: <a href="/docs">/docs</a></footer>'
+    )
+    return layout(p.subject, body, p.viewer)
+
+
+def _query(p: SubjectPage, range_key: str) -> str:
+    params = {"range": range_key}
+    if p.viewer.role is not Role.USER:
+        params["subject"] = p.subject
+    return e(urlencode(params))
