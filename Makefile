@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint typecheck unit integration e2e bench clean
+.PHONY: install system-deps run test lint typecheck unit integration e2e clean
 
 # Debian packages: iptables and iproute2 for the meter (accounting chains, network
 # namespaces); chromium and two font packages for the web page's browser test. Installed
