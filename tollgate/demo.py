@@ -18,7 +18,9 @@ from decimal import Decimal
 
 import nats.errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
+from contracts.commands import TerminateWorkload, terminate_subject
 from contracts.samples import CounterBatch, CounterSample, samples_subject
 from contracts.spawn import SpawnRequest, spawn_check_subject
 
@@ -36,8 +38,11 @@ class SimWorkload:
     egress_per_s: int
     log_per_s: int
     counters: dict[str, Decimal] = field(default_factory=dict)
+    stopped_by: str | None = None
 
     def advance(self, seconds: Decimal) -> None:
+        if self.stopped_by is not None:
+            return  # terminated: its counters stay where they were
         add = {
             "cpu.used.seconds": self.cpu_load * seconds,
             "mem.alloc.byte_seconds": self.mem_bytes * seconds,
@@ -61,6 +66,7 @@ async def run_fleet(nc: Client, prefix: str, stop: asyncio.Event, interval: floa
     """Publish cumulative counters for every simulated host every `interval` seconds."""
     js = nc.jetstream()
     epoch = uuid.uuid4().hex[:12]  # a new life of the counters each time the demo starts
+    await _obey_terminations(nc, prefix)
     seq = 0
     last = datetime.now(UTC)
     ticks = 0
@@ -90,6 +96,24 @@ async def run_fleet(nc: Client, prefix: str, stop: asyncio.Event, interval: floa
                 log.warning("demo: publish for %s failed (%s); next batch catches up", host, exc)
         if ticks % 5 == 0:
             await _spawn_checks(nc, prefix)
+
+
+async def _obey_terminations(nc: Client, prefix: str) -> None:
+    """Stop a simulated workload when the policy orders it, as a real meter agent would."""
+    by_name = {w.workload: w for workloads in FLEET.values() for w in workloads}
+
+    async def on_command(msg: Msg) -> None:
+        try:
+            command = TerminateWorkload.model_validate_json(msg.data)
+        except ValueError:
+            return
+        w = by_name.get(command.workload)
+        if w is not None and w.stopped_by is None:
+            w.stopped_by = command.reason
+            log.info("demo: %s terminated by the policy (%s)", w.workload, command.reason)
+
+    for host in FLEET:
+        await nc.subscribe(terminate_subject(host, prefix), cb=on_command)
 
 
 async def _spawn_checks(nc: Client, prefix: str) -> None:
