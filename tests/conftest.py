@@ -34,24 +34,30 @@ def _with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-@pytest.fixture
-async def database_url(servers: TestServers) -> AsyncIterator[str]:
-    """A new, migrated database for this test alone."""
-    name = unique("tg_")
+@contextlib.asynccontextmanager
+async def fresh_database(servers: TestServers, kind: str = "tg_") -> AsyncIterator[str]:
+    """A new, empty database on the session's server, dropped afterwards; yields its URL."""
+    name = unique(kind)
     admin = await asyncpg.connect(servers.database_url)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
     finally:
         await admin.close()
-    url = _with_database(servers.database_url, name)
     try:
-        yield url
+        yield _with_database(servers.database_url, name)
     finally:
         admin = await asyncpg.connect(servers.database_url)
         try:
             await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await admin.close()
+
+
+@pytest.fixture
+async def database_url(servers: TestServers) -> AsyncIterator[str]:
+    """A new database for this test alone (migrated by the `pool` fixture)."""
+    async with fresh_database(servers) as url:
+        yield url
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
 
 import asyncpg
 import httpx
@@ -25,7 +24,7 @@ from services.ledger.domain import Reading, SeriesKey
 from services.ledger.store import apply_readings
 from services.policy.config import parse_config
 from services.policy.source import ConfigSource
-from tests.conftest import unique
+from tests.conftest import fresh_database, unique
 from tollgate.db import connect_and_migrate, create_pool
 from tollgate.settings import Settings
 
@@ -79,22 +78,12 @@ async def shared_pool(servers: TestServers) -> AsyncIterator[asyncpg.Pool]:
     They use subject names of their own, so sharing is safe, and it saves creating a
     database for each of their many cases.
     """
-    name = unique("tg_api_")
-    admin = await asyncpg.connect(servers.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    p = await connect_and_migrate(urlsplit(servers.database_url)._replace(path=f"/{name}").geturl())
-    try:
-        yield p
-    finally:
-        await p.close()
-        admin = await asyncpg.connect(servers.database_url)
+    async with fresh_database(servers, "tg_api_") as url:
+        p = await connect_and_migrate(url)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            yield p
         finally:
-            await admin.close()
+            await p.close()
 
 
 def app_client(settings: Settings, deps: ApiDeps) -> httpx.AsyncClient:

@@ -17,14 +17,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from services.api.bootstrap import serve
 from services.ledger.domain import Reading, SeriesKey
 from services.ledger.store import apply_readings
-from tests.conftest import unique
+from tests.conftest import fresh_database
 from tests.servers import TestServers
 from tollgate.db import connect_and_migrate
 from tollgate.settings import Settings
@@ -192,23 +191,12 @@ class World:
 @contextlib.asynccontextmanager
 async def seeded_world(servers: TestServers) -> AsyncIterator[World]:
     """A new database with the scene in it; dropped afterwards."""
-    name = unique("tg_api_")
-    admin = await asyncpg.connect(servers.database_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    url = urlsplit(servers.database_url)._replace(path=f"/{name}").geturl()
-    pool = await connect_and_migrate(url)
-    try:
-        yield World(await seed_scene(pool), pool, url)
-    finally:
-        await pool.close()
-        admin = await asyncpg.connect(servers.database_url)
+    async with fresh_database(servers, "tg_api_") as url:
+        pool = await connect_and_migrate(url)
         try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            yield World(await seed_scene(pool), pool, url)
         finally:
-            await admin.close()
+            await pool.close()
 
 
 @contextlib.asynccontextmanager
