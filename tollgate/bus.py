@@ -6,7 +6,15 @@ import logging
 
 from nats.aio.client import Client
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError
 
 from contracts.commands import commands_stream, commands_wildcard
@@ -114,3 +122,33 @@ async def ensure_streams(js: JetStreamContext, prefix: str, duplicate_window: fl
             if exc.err_code != 10058:
                 raise
             await js.update_stream(config)
+
+
+async def durable_pull(
+    js: JetStreamContext,
+    *,
+    stream: str,
+    subject: str,
+    durable: str,
+    ack_wait: float,
+    deliver_policy: DeliverPolicy = DeliverPolicy.ALL,
+    max_ack_pending: int = 1000,
+) -> JetStreamContext.PullSubscription:
+    """Create or update a durable pull consumer, then bind to it.
+
+    Create-or-update rather than plain subscribe, so a changed ack_wait or backlog limit
+    takes effect on a consumer that already exists.
+    """
+    await js.add_consumer(
+        stream,
+        ConsumerConfig(
+            durable_name=durable,
+            filter_subject=subject,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=deliver_policy,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=max_ack_pending,
+        ),
+    )
+    return await js.pull_subscribe_bind(durable=durable, stream=stream)

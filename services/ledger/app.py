@@ -12,7 +12,6 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts.dlq import (
     DETAIL_HEADER,
@@ -22,6 +21,7 @@ from contracts.dlq import (
     dlq_subject,
 )
 from contracts.samples import samples_stream, samples_wildcard
+from tollgate.bus import durable_pull
 
 from . import metrics, store
 from .domain import Reading, readings
@@ -81,22 +81,16 @@ class LedgerService:
 
     async def subscribe(self) -> None:
         """Create or update the durable pull consumer, then bind to it."""
-        stream = samples_stream(self.prefix)
-        await self.js.add_consumer(  # create-or-update: a changed ack_wait takes effect
-            stream,
-            ConsumerConfig(
-                durable_name=self.consumer,
-                filter_subject=samples_wildcard(self.prefix),
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                # How soon a message whose ack was lost (crash, NATS restart) comes back.
-                # Commits that wait on Postgres keep their messages with in_progress().
-                ack_wait=self.ack_wait,
-                max_deliver=-1,
-                max_ack_pending=50_000,
-            ),
+        self._sub = await durable_pull(
+            self.js,
+            stream=samples_stream(self.prefix),
+            subject=samples_wildcard(self.prefix),
+            durable=self.consumer,
+            # How soon a message whose ack was lost (crash, NATS restart) comes back.
+            # Commits that wait on Postgres keep their messages with in_progress().
+            ack_wait=self.ack_wait,
+            max_ack_pending=50_000,
         )
-        self._sub = await self.js.pull_subscribe_bind(durable=self.consumer, stream=stream)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set. Faults are retried with backoff, never fatal."""

@@ -19,11 +19,12 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.api import DeliverPolicy
 from pydantic import ValidationError
 
 from contracts import PayloadError, parse_json
 from contracts.usage import UsageRecorded, usage_stream, usage_wildcard
+from tollgate.bus import durable_pull
 
 from . import store
 from .journal import UNAVAILABLE
@@ -61,18 +62,14 @@ class UsageFollower:
 
     async def subscribe(self) -> None:
         # NEW on first creation: the snapshot covers the past, and the ledger fills any gap.
-        self._sub = await self.js.pull_subscribe(
-            usage_wildcard(self.prefix),
-            durable=self.durable,
+        self._sub = await durable_pull(
+            self.js,
             stream=usage_stream(self.prefix),
-            config=ConsumerConfig(
-                durable_name=self.durable,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.NEW,
-                ack_wait=30,
-                max_deliver=-1,
-                max_ack_pending=20_000,
-            ),
+            subject=usage_wildcard(self.prefix),
+            durable=self.durable,
+            deliver_policy=DeliverPolicy.NEW,
+            ack_wait=30,
+            max_ack_pending=20_000,
         )
 
     async def ensure_subscribed(self) -> None:

@@ -15,7 +15,6 @@ import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from pydantic import ValidationError
 
 from contracts import PayloadError, parse_json
@@ -27,6 +26,7 @@ from contracts.workloads import (
     workloads_stream,
     workloads_wildcard,
 )
+from tollgate.bus import durable_pull
 
 from . import roster
 from .journal import UNAVAILABLE
@@ -65,17 +65,12 @@ class WorkloadFollower:
         self._sub: JetStreamContext.PullSubscription | None = None
 
     async def subscribe(self) -> None:
-        self._sub = await self.js.pull_subscribe(
-            workloads_wildcard(self.prefix),
-            durable=self.durable,
+        self._sub = await durable_pull(
+            self.js,
             stream=workloads_stream(self.prefix),
-            config=ConsumerConfig(
-                durable_name=self.durable,
-                ack_policy=AckPolicy.EXPLICIT,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_wait=30,
-                max_deliver=-1,
-            ),
+            subject=workloads_wildcard(self.prefix),
+            durable=self.durable,
+            ack_wait=30,
         )
 
     async def run(self, stop: asyncio.Event) -> None:
