@@ -14,6 +14,3 @@ def configure(level: str | None = None) -> None:
     )
     # nats-py logs every reconnect attempt at ERROR; our callbacks say it once, clearly.
     logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
-    # FastStream logs every message it handles; our handlers log what matters.
-    logging.getLogger("faststream.access").setLevel(logging.WARNING)
-    logging.getLogger("faststream").setLevel(logging.WARNING)

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from decimal import ROUND_DOWN, Decimal
 from typing import Final
 
-from contracts.samples import CounterBatch, CounterSample
 from contracts.workloads import Resources
 
 # Exit codes of `tollgate run` itself; any other status is the command's own.
@@ -183,33 +180,3 @@ class LogQuota:
             self.hour, self._start = hour, before
         self.used = after - self._start
         return self.used > self.limit
-
-
-@dataclass
-class BatchSequence:
-    """Numbers the batches of one run: one epoch, `seq` strictly increasing from 1."""
-
-    host: str
-    subject: str
-    workload: str
-    epoch: str = field(default_factory=new_epoch)
-    seq: int = 0
-
-    def next(
-        self, counters: Mapping[str, Decimal], sampled_at: datetime, final: bool = False
-    ) -> CounterBatch:
-        """The next batch carrying `counters` (cumulative values by metric)."""
-        self.seq += 1
-        return CounterBatch(
-            host=self.host,
-            epoch=self.epoch,
-            seq=self.seq,
-            sampled_at=sampled_at,
-            final=final,
-            counters=[
-                CounterSample(
-                    subject=self.subject, workload=self.workload, metric=metric, value=value
-                )
-                for metric, value in sorted(counters.items())
-            ],
-        )

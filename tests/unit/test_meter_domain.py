@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -11,10 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from contracts._base import parse_json
-from contracts.samples import CounterBatch
+from contracts.samples import CounterBatch, CounterSample
 from contracts.workloads import Resources
 from services.meter.domain import (
-    BatchSequence,
     Integral,
     LogQuota,
     Reading,
@@ -130,36 +128,20 @@ def test_every_published_value_is_monotonic_and_valid_on_the_wire(
     readings: list[tuple[float, int, float]],
 ) -> None:
     account = UsageAccount(Resources(cpus=Decimal(2), mem_bytes=10**9, gpus=1))
-    sequence = BatchSequence(host="node-7", subject="alice", workload="w")
     previous: dict[str, Decimal] = {}
-    for at, log_bytes, cpu in sorted(readings):
+    for seq, (at, log_bytes, cpu) in enumerate(sorted(readings), start=1):
         values = account.update(Reading(at, log_bytes, exact(cpu), mem_bytes=log_bytes))
-        batch = sequence.next(values, NOW)
+        batch = CounterBatch(
+            host="node-7", epoch="e", seq=seq, sampled_at=NOW,
+            counters=[
+                CounterSample(subject="alice", workload="w", metric=m, value=v)
+                for m, v in values.items()
+            ],
+        )  # fmt: skip
         assert CounterBatch.model_validate(parse_json(batch.to_json())) == batch
         for metric, value in values.items():
             assert value >= previous.get(metric, Decimal(0))
         previous = values
-
-
-def test_batches_count_up_within_one_epoch_and_say_when_they_are_final() -> None:
-    sequence = BatchSequence(host="node-7", subject="alice", workload="job-1", epoch="e1")
-    first = sequence.next({"log.bytes": Decimal(5)}, NOW)
-    last = sequence.next({"log.bytes": Decimal(9), "cpu.used.seconds": Decimal("0.25")}, NOW, True)
-    assert (first.seq, first.final, last.seq, last.final) == (1, False, 2, True)
-    assert last.msg_id == "node-7:e1:2"
-    wire = json.loads(last.to_json())
-    assert wire["counters"] == [
-        {"subject": "alice", "workload": "job-1", "metric": "cpu.used.seconds", "value": 0.25,
-         "labels": {}},
-        {"subject": "alice", "workload": "job-1", "metric": "log.bytes", "value": 9,
-         "labels": {}},
-    ]  # fmt: skip
-
-
-def test_each_run_gets_its_own_epoch() -> None:
-    one = BatchSequence(host="h", subject="s", workload="w")
-    two = BatchSequence(host="h", subject="s", workload="w")
-    assert one.epoch != two.epoch
 
 
 def test_the_log_quota_counts_hours_from_the_start_of_the_workload() -> None:
