@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import typer
 
-from tollgate.commands import explain, meter, quota, replay, report, run, services, token, up
+from tollgate.commands import docs, explain, meter, quota, replay, report, run, services, token, up
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="Tollgate: meter usage on shared compute, keep an auditable ledger, enforce quotas.",
 )
-for module in (up, services, run, token, replay, quota, explain, meter, report):
+for module in (up, services, run, token, replay, quota, explain, meter, report, docs):
     module.register(app)
 
 

@@ -1,0 +1,228 @@
+"""The contract as documents: AsyncAPI 3.0 for NATS (built with FastStream), OpenAPI for HTTP.
+
+FastStream describes channels from typed publishers and subscribers, so the NATS contract is
+declared here once, from the same pydantic models and subject builders the services use, on a
+broker that never connects. `tollgate docs` writes both files to docs/; a test fails when
+the committed files drift from the code.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+from faststream.nats import NatsBroker
+from faststream.specification import AsyncAPI
+from pydantic import BaseModel
+
+from contracts._base import DEFAULT_PREFIX
+from contracts.commands import (
+    SpawnBlock,
+    TerminateWorkload,
+    block_subject,
+    commands_stream,
+    terminate_subject,
+    unblock_subject,
+)
+from contracts.dlq import DeadLetterReason, dlq_stream, dlq_wildcard
+from contracts.quota_events import QuotaExceeded, QuotaWarning, events_stream, quota_events_subject
+from contracts.samples import CounterBatch, samples_stream, samples_subject
+from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
+from contracts.usage import UsageRecorded, usage_stream, usage_subject
+from contracts.workloads import (
+    WorkloadStarted,
+    WorkloadStopped,
+    workloads_stream,
+    workloads_subject,
+)
+
+# Subject parameters: built with the real builders from a marker, then named AsyncAPI-style.
+_MARK = "PARAM"
+
+
+def _param(builder: Callable[..., str], name: str, prefix: str) -> str:
+    return builder(_MARK, prefix).replace(_MARK, "{" + name + "}")
+
+
+def _stored(stream: str, extra: str = "") -> str:
+    return f"Stored in JetStream stream `{stream}` (file storage, `sync_interval: always`).{extra}"
+
+
+def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+    """The NATS contract (SPEC §2) as an AsyncAPI 3.0 document, from Tollgate's point of view:
+    it receives samples, workload lifecycle and spawn checks, and sends the rest."""
+    broker = NatsBroker(
+        "nats://nats:4222",
+        description="NATS with JetStream. Every payload is JSON with a `schema` field naming "
+        "type and version; consumers ignore unknown fields.",
+    )
+
+    def receives(subject: str, title: str, model: type[BaseModel], description: str) -> None:
+        async def handler(message: Any) -> None:
+            """Documented only; the services consume with nats-py directly."""
+
+        # The real model, not the string `from __future__ import annotations` would leave.
+        handler.__annotations__ = {"message": model, "return": None}
+        broker.subscriber(subject, title=title, description=description)(handler)
+
+    def sends(subject: str, title: str, model: type[BaseModel], description: str) -> None:
+        broker.publisher(subject, title=title, description=description, schema=model)
+
+    receives(
+        _param(samples_subject, "host", prefix),
+        "samples",
+        CounterBatch,
+        "Cumulative counter samples from a meter agent or `tollgate run`. Header "
+        "`Nats-Msg-Id: <host>:<epoch>:<seq>`. The host in the subject is the authority. "
+        + _stored(
+            samples_stream(prefix),
+            " With TOLLGATE_PARTITIONS=N > 1 the stream stores it as "
+            "`...samples.{host}.{partition}` by NATS deterministic subject mapping.",
+        ),
+    )
+    receives(
+        _param(workloads_subject, "host", prefix),
+        "workloads",
+        WorkloadStarted,
+        "Workload lifecycle from hosts: `tollgate.workload_started.v1` and "
+        "`tollgate.workload_stopped.v1`. " + _stored(workloads_stream(prefix)),
+    )
+    receives(
+        spawn_check_subject(prefix),
+        "spawn-check",
+        SpawnRequest,
+        "Request/reply: send a `tollgate.spawn_request.v1`, the reply is a "
+        "`tollgate.spawn_decision.v1` (schema SpawnDecision). Same as POST /v1/spawn-checks.",
+    )
+    sends(
+        _param(usage_subject, "subject", prefix),
+        "usage",
+        UsageRecorded,
+        "Every committed usage event, after commit, in ledger order, gap-free; header "
+        "`Nats-Msg-Id: usage:<seq>`. Replayable from sequence 1. " + _stored(usage_stream(prefix)),
+    )
+    sends(
+        _param(terminate_subject, "host", prefix),
+        "terminate",
+        TerminateWorkload,
+        "Terminate a workload over quota: SIGTERM, grace_seconds, then SIGKILL. One effective "
+        "command per crossing (`Nats-Msg-Id` = command_id). Only the policy may publish. "
+        + _stored(commands_stream(prefix)),
+    )
+    sends(
+        _param(block_subject, "subject", prefix),
+        "block",
+        SpawnBlock,
+        "The subject may not spawn until `until` (or an unblock). "
+        + _stored(commands_stream(prefix)),
+    )
+    sends(
+        _param(unblock_subject, "subject", prefix),
+        "unblock",
+        SpawnBlock,
+        "The subject may spawn again. " + _stored(commands_stream(prefix)),
+    )
+    sends(
+        _param(quota_events_subject, "subject", prefix),
+        "quota-events",
+        QuotaWarning,
+        "`tollgate.quota_warning.v1` once per threshold per window, and "
+        "`tollgate.quota_exceeded.v1`. " + _stored(events_stream(prefix)),
+    )
+    reasons = ", ".join(f"`{r.value}`" for r in DeadLetterReason)
+    broker.publisher(
+        dlq_wildcard(prefix).replace("*", "{reason}"),
+        title="dead-letters",
+        description=f"Malformed or unauthorised messages, body unchanged, with headers "
+        f"`Tollgate-Dlq-Reason`, `Tollgate-Dlq-Detail`, `Tollgate-Original-Subject`, "
+        f"`Tollgate-Original-Stream-Seq`. Reasons: {reasons}. " + _stored(dlq_stream(prefix)),
+    )
+    spec = AsyncAPI(
+        broker,
+        title="Tollgate NATS contract",
+        version="1",
+        description="Subjects, payloads and streams of Tollgate's wire contract v1 (SPEC §2). "
+        "HTTP is described by openapi.json beside this file.",
+        schema_version="3.0.0",
+    )
+    doc: dict[str, Any] = json.loads(spec.to_specification().to_json())
+    _add_message(doc, "workloads", WorkloadStopped)
+    _add_message(doc, "quota-events", QuotaExceeded)
+    _add_spawn_reply(doc)
+    _add_parameters(doc)
+    # FastStream keeps channels in no fixed order; a stable file diffs cleanly.
+    for key in ("channels", "operations"):
+        doc[key] = dict(sorted(doc[key].items()))
+    for key in ("messages", "schemas"):
+        doc["components"][key] = dict(sorted(doc["components"][key].items()))
+    return doc
+
+
+def _add_schema(doc: dict[str, Any], model: type[BaseModel]) -> str:
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schemas = doc["components"]["schemas"]
+    for name, sub in schema.pop("$defs", {}).items():
+        schemas.setdefault(name, sub)
+    schemas[model.__name__] = schema
+    return f"#/components/schemas/{model.__name__}"
+
+
+def _add_message(doc: dict[str, Any], channel: str, model: type[BaseModel]) -> None:
+    """A second message type on a channel (one subject carrying two event types)."""
+    name = f"{channel}:{model.__name__}"
+    doc["components"]["messages"][name] = {
+        "title": name,
+        "payload": {"$ref": _add_schema(doc, model)},
+    }
+    doc["channels"][channel]["messages"][model.__name__] = {"$ref": f"#/components/messages/{name}"}
+    doc["operations"][channel]["messages"].append(
+        {"$ref": f"#/channels/{channel}/messages/{model.__name__}"}
+    )
+
+
+_PARAMETERS = {
+    "host": "The host's name (one subject token; the meter's TOLLGATE_HOST).",
+    "subject": "The user or service account usage is charged to (one subject token).",
+    "reason": "Why the message was refused.",
+}
+
+
+def _add_parameters(doc: dict[str, Any]) -> None:
+    for channel in doc["channels"].values():
+        address = channel.get("address") or ""
+        found = {p: {"description": d} for p, d in _PARAMETERS.items() if f"{{{p}}}" in address}
+        if found:
+            channel["parameters"] = found
+
+
+def _add_spawn_reply(doc: dict[str, Any]) -> None:
+    """FastStream has no reply schema for request/reply; AsyncAPI 3.0 does (`reply`)."""
+    doc["components"]["messages"]["spawn-check:Reply"] = {
+        "title": "spawn-check:Reply",
+        "payload": {"$ref": _add_schema(doc, SpawnDecision)},
+    }
+    doc["channels"]["spawn-check-reply"] = {
+        "address": None,
+        "description": "The requester's inbox (the NATS reply subject).",
+        "messages": {"Reply": {"$ref": "#/components/messages/spawn-check:Reply"}},
+    }
+    doc["operations"]["spawn-check"]["reply"] = {
+        "channel": {"$ref": "#/channels/spawn-check-reply"},
+        "messages": [{"$ref": "#/channels/spawn-check-reply/messages/Reply"}],
+    }
+
+
+def asyncapi_yaml(prefix: str = DEFAULT_PREFIX) -> str:
+    return yaml.safe_dump(asyncapi_document(prefix), sort_keys=False, allow_unicode=True)
+
+
+def openapi_json() -> str:
+    """The API's OpenAPI document, from the app itself (no server, no connections)."""
+    from services.api.app import create_app
+    from services.api.options import ApiOptions
+    from tollgate.settings import Settings
+
+    app = create_app(Settings(token_secret="docs-only"), options=ApiOptions())
+    return json.dumps(app.openapi(), indent=2, sort_keys=False) + "\n"
