@@ -53,9 +53,13 @@ async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Clien
     """A NATS connection, with the contract's streams in place."""
     assert settings.nats_url
     url = settings.nats_url
-    nc = await _retry("NATS", lambda: connect(url, name), stop)
+    seed = settings.nats_nkey_seed_file
+    nc = await _retry("NATS", lambda: connect(url, name, seed), stop)
     assert isinstance(nc, Client)
-    await ensure_streams(nc.jetstream(), settings.prefix, settings.duplicate_window_seconds)
+    await ensure_streams(
+        nc.jetstream(), settings.prefix, settings.duplicate_window_seconds,
+        replicas=settings.stream_replicas, partitions=settings.partitions,
+    )  # fmt: skip
     return nc
 
 
@@ -68,9 +72,10 @@ async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
             nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
             fetch_timeout=settings.ledger_fetch_timeout,
             max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
+            partition=settings.partition if settings.partitions > 1 else None,
         )  # fmt: skip
         feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
-        log.info("ledger consuming %s samples", settings.prefix)
+        log.info("ledger consuming %s samples as consumer %s", settings.prefix, service.consumer)
         await asyncio.gather(service.run(stop), feed.run(stop, service.committed))
     finally:
         # close, not drain: draining a pull subscription waits out nats-py's 30 s timeout,
@@ -86,8 +91,11 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
     nc = await open_nats(settings, "tollgate-policy", stop)
     # Connects lazily: spawn checks are answered (by failure_mode) even while Postgres is away.
     pool = await create_pool(settings.database_url, min_size=0)
-    service = PolicyService(nc, pool, config, settings.prefix)
-    responder = SpawnCheckResponder(nc, settings.prefix, service.checker)
+    service = PolicyService(
+        nc, pool, config, settings.prefix,
+        partition=settings.partition, partitions=settings.partitions,
+    )  # fmt: skip
+    responder = SpawnCheckResponder(nc, settings.prefix, service.checker, service.owns)
 
     async def migrated() -> None:
         async with pool.acquire() as conn:

@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import typer
+from pydantic import ValidationError
 
-from tollgate.commands import docs, explain, meter, quota, replay, report, run, services, token, up
+from tollgate.commands import (
+    docs,
+    explain,
+    meter,
+    natsconfig,
+    quota,
+    replay,
+    report,
+    run,
+    services,
+    token,
+    up,
+)
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="Tollgate: meter usage on shared compute, keep an auditable ledger, enforce quotas.",
 )
-for module in (up, services, run, token, replay, quota, explain, meter, report, docs):
+for module in (up, services, run, token, replay, quota, explain, meter, report, docs, natsconfig):
     module.register(app)
 
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except ValidationError as exc:
+        # Settings are read from TOLLGATE_* variables: name the variable, not a traceback.
+        problems = "\n".join(
+            "  "
+            + (f"TOLLGATE_{'_'.join(str(p) for p in e['loc']).upper()}: " if e["loc"] else "")
+            + e["msg"].removeprefix("Value error, ")
+            for e in exc.errors()
+        )
+        raise SystemExit(
+            f"tollgate: invalid settings\n{problems}\nFix the variable or unset it."
+        ) from None
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 import secrets
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts._base import DEFAULT_PREFIX, check_prefix
@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="TOLLGATE_", extra="ignore")
 
     nats_url: str | None = None
+    nats_nkey_seed_file: Path | None = Field(
+        default=None, description="this identity's nkey seed, from `tollgate nats-config`"
+    )
     database_url: str | None = None
     data_dir: Path = Path(".tollgate")
     prefix: str = DEFAULT_PREFIX
@@ -36,10 +39,16 @@ class Settings(BaseSettings):
     ledger_ack_wait: float = Field(default=30.0, ge=1, le=3600)
     duplicate_window_seconds: int = Field(default=20 * 60, ge=1)
     max_payload_bytes: int = Field(default=1 << 20, ge=1024)
+    # Running at scale: samples (by host) and policy (by subject) in `partitions` parts,
+    # this instance owning `partition`; every stream kept on `stream_replicas` servers.
+    partitions: int = Field(default=1, ge=1, le=1024)
+    partition: int = Field(default=0, ge=0)
+    stream_replicas: int = Field(default=1, ge=1, le=5)
 
     @field_validator(
-        "nats_url", "database_url", "config", "admin_token", "token_secret", "host", mode="before"
-    )
+        "nats_url", "database_url", "config", "admin_token", "token_secret", "host",
+        "nats_nkey_seed_file", mode="before",
+    )  # fmt: skip
     @classmethod
     def _empty_is_unset(cls, v: object) -> object:
         # `TOLLGATE_CONFIG=` in a shell or compose file means "not set", not the path ".".
@@ -49,6 +58,17 @@ class Settings(BaseSettings):
     @classmethod
     def _prefix(cls, v: str) -> str:
         return check_prefix(v)
+
+    @model_validator(mode="after")
+    def _partition_in_range(self) -> Settings:
+        if self.partition >= self.partitions:
+            raise ValueError(
+                f"TOLLGATE_PARTITION={self.partition} is not one of the "
+                f"{self.partitions} partitions (TOLLGATE_PARTITIONS={self.partitions}): set "
+                f"TOLLGATE_PARTITION to a number from 0 to {self.partitions - 1}, one per "
+                "ledger/policy instance, or raise TOLLGATE_PARTITIONS"
+            )
+        return self
 
     @property
     def endpoints_file(self) -> Path:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -13,7 +14,7 @@ from fastapi import FastAPI
 
 from services.policy.config import ConfigError
 from services.policy.source import ConfigSource
-from tollgate.bus import connect
+from tollgate.bus import CredentialsError, connect, seed_public_key
 from tollgate.db import connect_and_migrate
 from tollgate.settings import Settings
 
@@ -117,6 +118,11 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
             "the API does not know where NATS and Postgres are: start it with `tollgate up`, "
             "or set TOLLGATE_NATS_URL and TOLLGATE_DATABASE_URL"
         )
+    if s.nats_nkey_seed_file is not None:
+        try:  # checked now: NATS is joined in the background, where it would go unseen
+            seed_public_key(s.nats_nkey_seed_file)
+        except CredentialsError as exc:
+            raise ApiStartupError(str(exc)) from None
     try:
         pool = await connect_and_migrate(s.database_url)
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -131,7 +137,7 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
     # (and answer without it), and the client
     # retries forever, so waiting for it would leave the API silent while NATS is down.
     # /readyz reports it until it is connected.
-    joining = asyncio.create_task(_join_nats(deps, s.nats_url))
+    joining = asyncio.create_task(_join_nats(deps, s.nats_url, s.nats_nkey_seed_file))
     try:
         yield deps
     finally:
@@ -143,5 +149,5 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
         await pool.close()
 
 
-async def _join_nats(deps: ApiDeps, url: str) -> None:
-    deps.nc = await connect(url, "tollgate-api")
+async def _join_nats(deps: ApiDeps, url: str, seed_file: Path | None) -> None:
+    deps.nc = await connect(url, "tollgate-api", seed_file)

@@ -20,8 +20,9 @@ from contracts.dlq import (
     SUBJECT_HEADER,
     dlq_subject,
 )
+from contracts.partitions import partition_samples_filter
 from contracts.samples import samples_stream, samples_wildcard
-from tollgate.bus import durable_pull
+from tollgate.bus import durable_pull, fetch_ready
 
 from . import metrics, store
 from .domain import Reading, readings
@@ -56,6 +57,7 @@ class LedgerService:
         *,
         prefix: str,
         consumer: str = "ledger",
+        partition: int | None = None,
         batch: int = 1000,
         fetch_timeout: float = 0.5,
         max_payload: int = 1 << 20,
@@ -66,7 +68,13 @@ class LedgerService:
         self.js: JetStreamContext = nc.jetstream()
         self.pool = pool
         self.prefix = prefix
-        self.consumer = consumer
+        # One partition of a partitioned samples stream (durable `ledger-p<k>`), or all.
+        self.consumer = consumer if partition is None else f"{consumer}-p{partition}"
+        self.subject = (
+            samples_wildcard(prefix)
+            if partition is None
+            else partition_samples_filter(partition, prefix)
+        )
         self.batch = batch
         self.fetch_timeout = fetch_timeout
         self.max_payload = max_payload
@@ -84,7 +92,7 @@ class LedgerService:
         self._sub = await durable_pull(
             self.js,
             stream=samples_stream(self.prefix),
-            subject=samples_wildcard(self.prefix),
+            subject=self.subject,
             durable=self.consumer,
             # How soon a message whose ack was lost (crash, NATS restart) comes back.
             # Commits that wait on Postgres keep their messages with in_progress().
@@ -100,7 +108,7 @@ class LedgerService:
                 if self._sub is None:
                     await self.subscribe()
                 assert self._sub is not None
-                msgs = await self._sub.fetch(self.batch, timeout=self.fetch_timeout)
+                msgs = await fetch_ready(self._sub, self.batch, self.fetch_timeout)
             except TimeoutError:
                 # Nothing to fetch (nats-py raises its own and the builtin TimeoutError);
                 # a message that arrives late waits in the client's queue for the next fetch.

@@ -32,7 +32,8 @@ def parse_sample_message(subject: str, body: bytes, max_payload: int) -> Counter
         batch = CounterBatch.model_validate(data)
     except ValidationError as exc:
         raise DeadLetter(DeadLetterReason.INVALID_PAYLOAD, _describe(exc)) from None
-    subject_host = decode_token(subject.rsplit(".", 1)[-1])
+    # `<prefix>.v1.samples.<host>`, stored as `....<host>.<partition>` when partitioned.
+    subject_host = decode_token(subject.split(".")[3])
     if batch.host != subject_host:
         raise DeadLetter(
             DeadLetterReason.HOST_MISMATCH,

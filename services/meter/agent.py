@@ -56,6 +56,7 @@ class AgentOptions:
     host_interfaces: tuple[str, ...] = ()
     iptables: bool = True
     flush_timeout: float = 5.0
+    nats_seed_file: Path | None = None  # nkey seed from `tollgate nats-config`
 
 
 class MeterAgent:
@@ -64,7 +65,9 @@ class MeterAgent:
     def __init__(self, options: AgentOptions, gpus: GpuProvider | None = None) -> None:
         self.o = options
         self.gpus = gpus
-        self.link = MeterLink(options.nats_url, f"tollgate-meter {options.host}")
+        self.link = MeterLink(
+            options.nats_url, f"tollgate-meter {options.host}", options.nats_seed_file
+        )
         self.spool = Spool(options.state_dir / SPOOL)
         self.accounting = Accounting(options.lan) if options.iptables else None
         self.state = AgentState.resume(options.state_dir, options.host)

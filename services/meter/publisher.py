@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import nats.errors
 import nats.js.errors
@@ -46,16 +47,17 @@ class Message:
 class MeterLink:
     """One NATS connection for one `tollgate run`, made in the background."""
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(self, url: str, name: str, seed_file: Path | None = None) -> None:
         self.url = url
         self._name = name
+        self._seed_file = seed_file
         self._connecting: asyncio.Task[Client] | None = None
         self._outage: str | None = None
         self._outbox: list[Message] = []
 
     def start(self) -> None:
         """Begin connecting; nothing waits for it unless it asks to."""
-        self._connecting = asyncio.create_task(connect(self.url, self._name))
+        self._connecting = asyncio.create_task(connect(self.url, self._name, self._seed_file))
 
     async def wait_connected(self, timeout: float) -> bool:
         """True once connected, False if that takes longer than `timeout` seconds."""

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import BinaryIO
 
 from contracts._base import utcnow
@@ -52,6 +53,7 @@ class RunOptions:
     lan: LanList = field(default_factory=LanList.default)
     pools: Pools = field(default_factory=Pools)
     log_quota_per_hour: int = 0
+    nats_seed_file: Path | None = None  # nkey seed from `tollgate nats-config`
 
 
 async def run_workload(
@@ -61,7 +63,7 @@ async def run_workload(
     stderr: BinaryIO | None = None,
 ) -> int:
     """Run `cmd` metered; return its exit status, or one of ours when it did not run."""
-    link = MeterLink(options.nats_url, f"tollgate-run {options.workload}")
+    link = MeterLink(options.nats_url, f"tollgate-run {options.workload}", options.nats_seed_file)
     link.start()
     began = utcnow()
     try:

@@ -14,10 +14,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from contracts.partitions import spawn_check_partition_subject
 from contracts.spawn import spawn_check_subject
 
 from .handlers import BadRequest, SpawnChecker, error_reply, parse_request
 from .metrics import SPAWN_SECONDS
+from .partitions import Ownership
 
 log = logging.getLogger("tollgate.policy")
 
@@ -25,31 +27,48 @@ log = logging.getLogger("tollgate.policy")
 class SpawnCheckResponder:
     """Answers every spawn check with a decision (or an error reply), never with silence."""
 
-    def __init__(self, nc: Client, prefix: str, checker: SpawnChecker) -> None:
+    def __init__(
+        self, nc: Client, prefix: str, checker: SpawnChecker, owns: Ownership | None = None
+    ) -> None:
         self.nc = nc
         self.prefix = prefix
         self.checker = checker
-        self._sub: Subscription | None = None
+        self.owns = owns or Ownership()
+        self.forwarded = 0  # requests handed to the partition that owns their subject
+        self._subs: list[Subscription] = []
 
     async def start(self) -> None:
         """Subscribe, and return once the server has registered it (no race with requests)."""
         # A queue group, so several policy instances share the requests.
-        self._sub = await self.nc.subscribe(
-            spawn_check_subject(self.prefix), queue="policy", cb=self._answer
-        )
+        subjects = [spawn_check_subject(self.prefix)]
+        if self.owns.partitions > 1:
+            # Requests other instances forward to this partition, the owner of their subject.
+            subjects.append(spawn_check_partition_subject(self.owns.partition, self.prefix))
+        for subject in subjects:
+            self._subs.append(await self.nc.subscribe(subject, queue="policy", cb=self._answer))
         await self.nc.flush()
 
     async def stop(self) -> None:
-        if self._sub is not None and not self.nc.is_closed:
-            await self._sub.unsubscribe()
-        self._sub = None
+        if not self.nc.is_closed:
+            for sub in self._subs:
+                await sub.unsubscribe()
+        self._subs = []
 
     async def _answer(self, msg: Msg) -> None:
         if not msg.reply:
             return  # a publish, not a request: nobody to answer
         started = time.perf_counter()
         try:
-            reply = self.checker.decide(parse_request(msg.data)).to_json()
+            request = parse_request(msg.data)
+            owner = self.owns.owner(request.subject)
+            if owner != self.owns.partition and msg.subject == spawn_check_subject(self.prefix):
+                # Only the owner holds the subject's reservations: hand the request over
+                # with the caller's reply subject, so the owner answers the caller directly.
+                forward_to = spawn_check_partition_subject(owner, self.prefix)
+                await self.nc.publish(forward_to, msg.data, reply=msg.reply, headers=msg.headers)
+                self.forwarded += 1
+                return
+            reply = self.checker.decide(request).to_json()
         except BadRequest as exc:
             reply = error_reply(str(exc))
         except Exception:  # the edge: log it, and answer rather than leave the caller waiting

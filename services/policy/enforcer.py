@@ -13,7 +13,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import asyncpg
 import nats.errors
@@ -43,8 +44,10 @@ class Enforcer:
         live: LiveState,
         prefix: str,
         sweep_every: float = 10.0,
+        owns: Callable[[str], bool] = lambda subject: True,
     ) -> None:
         self.nc = nc
+        self.owns = owns
         self.js = nc.jetstream()
         self.pool = pool
         self.live = live
@@ -110,6 +113,9 @@ class Enforcer:
             for q in effective_quotas(config, s, groups):
                 if q.per == "group":
                     subjects.update(pool_members(view, q, s))
+        # Another partition's subjects are that partition's to act on (pool members found
+        # through them may be ours, so this comes after the expansion).
+        subjects = {s for s in subjects if self.owns(s)}
         rows: list[tuple[DecisionRecord, OutboxRow]] = []
         opened, closed, terminations = [], [], []
         for subject in sorted(subjects):
@@ -153,19 +159,24 @@ class Enforcer:
         return len(new)
 
     async def publish_pending(self) -> int:
-        """Publish outbox rows not yet published, oldest first."""
+        """Publish this partition's outbox rows not yet published, oldest first."""
         sent = 0
+        after: tuple[datetime, str] | None = None
         while True:
             async with self.pool.acquire() as conn:
-                rows = await records.pending_outbox(conn)
+                rows = await records.pending_outbox(conn, after=after)
             if not rows:
                 return sent
+            after = (rows[-1]["created_at"], rows[-1]["msg_id"])
             done = []
             for r in rows:
+                if not self.owns(r["subject"]):
+                    continue  # decided by the owner of that subject, published by it
                 await self._publish(r["msg_id"], r["nats_subject"], bytes(r["payload"]))
                 done.append(r["msg_id"])
-            async with self.pool.acquire() as conn:
-                await records.mark_published(conn, done, self.live.clock())
+            if done:
+                async with self.pool.acquire() as conn:
+                    await records.mark_published(conn, done, self.live.clock())
             sent += len(done)
 
     async def _publish(self, msg_id: str, subject: str, payload: bytes) -> None:

@@ -156,12 +156,20 @@ async def load_sent(conn: asyncpg.Connection, since: datetime) -> set[str]:
     return {r["msg_id"] for r in rows}
 
 
-async def pending_outbox(conn: asyncpg.Connection, limit: int = 500) -> list[asyncpg.Record]:
+async def pending_outbox(
+    conn: asyncpg.Connection, limit: int = 500, after: tuple[datetime, str] | None = None
+) -> list[asyncpg.Record]:
+    """Unpublished rows with their decision's subject, oldest first, from after `after`."""
+    start = after or (None, "")
     return list(
         await conn.fetch(
-            """SELECT msg_id, nats_subject, payload FROM policy_outbox
-               WHERE published_at IS NULL ORDER BY created_at, msg_id LIMIT $1""",
+            """SELECT o.msg_id, o.nats_subject, o.payload, o.created_at, d.subject
+               FROM policy_outbox o JOIN policy_decisions d USING (decision_id)
+               WHERE o.published_at IS NULL
+                 AND ($2::timestamptz IS NULL OR (o.created_at, o.msg_id) > ($2, $3))
+               ORDER BY o.created_at, o.msg_id LIMIT $1""",
             limit,
+            *start,
         )
     )
 

@@ -19,6 +19,7 @@ from .handlers import SpawnChecker
 from .journal import UNAVAILABLE, DecisionJournal
 from .lifecycle import WorkloadFollower
 from .live import Clock, LiveState, utc_now
+from .partitions import Ownership
 from .reservations import START_TIMEOUT
 from .source import ConfigSource
 from .standings import horizon_hours
@@ -45,14 +46,23 @@ class PolicyService:
         prefix: str,
         clock: Clock = utc_now,
         sweep_every: float = 10.0,
+        partition: int = 0,
+        partitions: int = 1,
     ) -> None:
         self.pool = pool
+        # Partitioned, this instance decides only for its own subjects, but follows the
+        # whole usage feed and workloads stream (group pools need every member's usage),
+        # each with durables of its own.
+        self.owns = Ownership(partition, partitions)
+        suffix = f"-p{partition}" if partitions > 1 else ""
         self.live = LiveState(config, clock)
         self.journal = DecisionJournal(pool, self.live.stats)
         self.checker = SpawnChecker(self.live, self.journal)
-        self.usage = UsageFollower(nc, pool, self.live, prefix)
-        self.workloads = WorkloadFollower(nc, pool, self.live, prefix)
-        self.enforcer = Enforcer(nc, pool, self.live, prefix, sweep_every)
+        self.usage = UsageFollower(nc, pool, self.live, prefix, durable=f"policy{suffix}")
+        self.workloads = WorkloadFollower(
+            nc, pool, self.live, prefix, durable=f"policy-workloads{suffix}"
+        )
+        self.enforcer = Enforcer(nc, pool, self.live, prefix, sweep_every, owns=self.owns)
         self.ready = asyncio.Event()
         self._loaded_horizon = 0
         self._tasks: list[asyncio.Task[None]] = []

@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         from services.meter.agent import AgentOptions, MeterAgent
         from services.meter.gpu import open_gpus
-        from tollgate.commands.run import lan_list
+        from tollgate.commands.run import checked_seed_file, lan_list
 
         logs.configure()
         logging.getLogger("tollgate.bus").setLevel(logging.ERROR)
@@ -90,6 +90,7 @@ def register(app: typer.Typer) -> None:
             host_workload=host_workload,
             host_interfaces=tuple(host_interface),
             iptables=iptables,
+            nats_seed_file=checked_seed_file(settings),
         )
         typer.echo(
             f"tollgate meter: metering {options.host} every {interval:g} s; workloads are "

@@ -9,6 +9,7 @@ import signal
 import socket
 import sys
 from decimal import Decimal, InvalidOperation
+from pathlib import Path
 
 import typer
 from pydantic import ValidationError
@@ -19,6 +20,7 @@ from services.meter.addresses import V4_POOL, V6_POOL, Pools
 from services.meter.domain import EXIT_NO_SERVERS, new_workload_id, parse_size
 from services.meter.netrules import LanList, RuleError
 from services.meter.run import RunOptions, run_workload
+from tollgate.bus import CredentialsError, seed_public_key
 from tollgate.settings import Settings
 
 HELP = """Run CMD metered: ask for a spawn decision, pass its output through, report usage.
@@ -82,6 +84,17 @@ def _check_names(options: RunOptions) -> None:
         error = exc.errors()[0]
         where = ".".join(str(part) for part in error["loc"])
         raise typer.BadParameter(f"{where}: {error['msg']}") from None
+
+
+def checked_seed_file(settings: Settings) -> Path | None:
+    """TOLLGATE_NATS_NKEY_SEED_FILE, checked before anything runs."""
+    if settings.nats_nkey_seed_file is not None:
+        try:
+            seed_public_key(settings.nats_nkey_seed_file)
+        except CredentialsError as exc:
+            typer.echo(f"tollgate: not running anything: {exc}", err=True)
+            raise typer.Exit(EXIT_NO_SERVERS) from None
+    return settings.nats_nkey_seed_file
 
 
 def register(app: typer.Typer) -> None:
@@ -171,6 +184,7 @@ def register(app: typer.Typer) -> None:
             lan=lan,
             pools=pools,
             log_quota_per_hour=quota,
+            nats_seed_file=checked_seed_file(settings),
         )
         _check_names(options)
         try:

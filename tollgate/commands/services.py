@@ -10,6 +10,7 @@ from prometheus_client import start_http_server
 
 from services.api.errors import ApiStartupError
 from tollgate import bootstrap, logs
+from tollgate.bus import CredentialsError, seed_public_key
 from tollgate.settings import Settings
 
 
@@ -20,6 +21,12 @@ def _run_one(name: str, config: Path | None = None) -> None:
         settings = settings.model_copy(update={"config": config})
     nats_url, database_url = settings.require_servers()
     settings = settings.model_copy(update={"nats_url": nats_url, "database_url": database_url})
+    if settings.nats_nkey_seed_file is not None:
+        try:  # now, not after a retry loop: a wrong file does not fix itself
+            seed_public_key(settings.nats_nkey_seed_file)
+        except CredentialsError as exc:
+            typer.echo(f"tollgate {name}: {exc}", err=True)
+            raise typer.Exit(2) from None
 
     if settings.metrics_port and name != "api":  # the api serves /metrics itself
         start_http_server(settings.metrics_port, addr=settings.api_host)
