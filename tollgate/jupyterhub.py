@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
@@ -191,6 +192,7 @@ class TollgateHooks:
         expected_seconds: float = 3600,
         timeout: float = 10.0,
         nats_url: str | None = None,
+        nats_seed_file: str | None = None,
         prefix: str = "tollgate",
         reading_interval: float = 60.0,
         charge: Literal["limit", "guarantee"] = "limit",
@@ -220,6 +222,9 @@ class TollgateHooks:
         self.expected_seconds = Decimal(repr(float(expected_seconds)))
         self.timeout = timeout
         self.nats_url = nats_url
+        # The hub's NATS identity against a secured server: a host seed from
+        # `tollgate nats-config --host <its host name>`.
+        self.nats_seed_file = Path(nats_seed_file) if nats_seed_file else None
         self.prefix = check_prefix(prefix)
         self.reading_interval = reading_interval
         self.charge = charge
@@ -248,6 +253,7 @@ class TollgateHooks:
             "expected_seconds": number("TOLLGATE_HUB_EXPECTED_SECONDS", 3600),
             "timeout": number("TOLLGATE_HUB_TIMEOUT", 10),
             "nats_url": env.get("TOLLGATE_NATS_URL") or None,
+            "nats_seed_file": env.get("TOLLGATE_NATS_NKEY_SEED_FILE") or None,
             "prefix": env.get("TOLLGATE_PREFIX", "tollgate"),
             "reading_interval": number("TOLLGATE_HUB_READING_INTERVAL", 60),
             "charge": env.get("TOLLGATE_HUB_CHARGE", "limit"),
@@ -410,7 +416,9 @@ class TollgateHooks:
         if self.nats_url is None:
             return None
         if self._link is None:
-            self._link = MeterLink(self.nats_url, f"tollgate-jupyterhub {self.host}")
+            self._link = MeterLink(
+                self.nats_url, f"tollgate-jupyterhub {self.host}", self.nats_seed_file
+            )
             self._link.start()
         return self._link
 

@@ -26,6 +26,8 @@ from tollgate.jupyterhub import TollgateHooks  # noqa: E402
 #   TOLLGATE_HUB_FAILURE_MODE     open (default): spawn anyway when Tollgate cannot be asked;
 #                                 closed: refuse, telling the user to try again later
 #   TOLLGATE_NATS_URL             NATS with JetStream; unset: nothing is metered by the hub
+#   TOLLGATE_NATS_NKEY_SEED_FILE  against a secured NATS: the seed from
+#                                 `tollgate nats-config --host <TOLLGATE_HUB_HOST>`
 #   TOLLGATE_PREFIX               subject prefix (default tollgate)
 #   TOLLGATE_HUB_HOST             the host name the hub reports as (default jupyterhub-<hostname>)
 #   TOLLGATE_HUB_EXPECTED_SECONDS how long a server is expected to run, for the spawn check's

@@ -162,7 +162,9 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("TOLLGATE_HUB_HOST", "hub-1")
     monkeypatch.setenv("TOLLGATE_HUB_READING_INTERVAL", "30")
     monkeypatch.delenv("TOLLGATE_NATS_URL", raising=False)
+    monkeypatch.setenv("TOLLGATE_NATS_NKEY_SEED_FILE", "/etc/tollgate/hub-1.nk")
     hooks = TollgateHooks.from_env(expected_seconds=7200)
+    assert hooks.nats_seed_file == Path("/etc/tollgate/hub-1.nk")
     assert (hooks.api_url, hooks.failure_mode, hooks.host) == ("http://tollgate:8080", "closed",
                                                               "hub-1")  # fmt: skip
     assert (hooks.reading_interval, hooks.expected_seconds, hooks.nats_url) == (30, 7200, None)
