@@ -106,6 +106,16 @@ def start_ledger(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     )  # fmt: skip
 
 
+async def consuming(proc: subprocess.Popen[bytes], log: Path, lives: int) -> None:
+    """Wait until the `lives`-th ledger has said it consumes (or has already exited)."""
+
+    async def said() -> bool:
+        text = log.read_bytes() if log.exists() else b""
+        return text.count(b"ledger consuming") >= lives or proc.poll() is not None
+
+    await wait_until(said, timeout=60, what="the ledger to start consuming")
+
+
 async def test_ledger_killed_again_and_again_mid_ingest_counts_every_acked_sample_once(
     servers: TestServers, nc: Client, prefix: str, database_url: str, pool: asyncpg.Pool,
     streams: None, tmp_path: Path,
@@ -125,6 +135,9 @@ async def test_ledger_killed_again_and_again_mid_ingest_counts_every_acked_sampl
         failpoint = kills % 3 == 0  # every third life ends between a commit and its acks
         extra = {FAILPOINT_EXIT_AFTER_COMMIT: str(rng.randint(1, 4))} if failpoint else {}
         proc = start_ledger({**env, **extra}, log)
+        # A life is counted from when the ledger consumes, not from exec: on a loaded
+        # machine the interpreter's start alone can take longer than a whole life.
+        await consuming(proc, log, lives=kills + 1)
         # Let it live a while (the publishers keep going), unless the failpoint ends it.
         with contextlib.suppress(subprocess.TimeoutExpired):
             await asyncio.to_thread(proc.wait, rng.uniform(1.0, 2.0))
