@@ -34,31 +34,29 @@ def _pool_members(config: PolicyConfig, quota: EffectiveQuota, groups: Sequence[
     return sorted({m for g in names for m in config.groups.get(g, [])})
 
 
-async def _used(
-    conn: asyncpg.Connection,
-    config: PolicyConfig,
-    quota: EffectiveQuota,
-    subject: str,
-    groups: Sequence[str],
-    now: datetime,
-) -> tuple[Decimal, list[tuple[datetime, Decimal]]]:
-    subjects = [subject]
+def _subjects(
+    config: PolicyConfig, quota: EffectiveQuota, subject: str, groups: Sequence[str]
+) -> list[str]:
     if quota.per == "group":
-        subjects = sorted(set(_pool_members(config, quota, groups)) | {subject})
+        return sorted(set(_pool_members(config, quota, groups)) | {subject})
+    return [subject]
+
+
+async def _buckets(
+    conn: asyncpg.Connection,
+    quota: EffectiveQuota,
+    subjects: Sequence[str],
+    workload: str | None,
+    now: datetime,
+) -> list[tuple[datetime, Decimal]]:
+    """Hourly usage in the window (of one workload, for per-workload quotas): what
+    `retry_at` of a rolling window needs, and only when the quota is exceeded."""
     rows = await store.hourly_usage(conn, subjects, quota.metric, window_start(quota.window, now))
-    if quota.per == "workload":
-        # The most-used workload is the one closest to its limit.
-        per_workload: dict[str, dict[datetime, Decimal]] = defaultdict(dict)
-        for workload, hour, total in rows:
-            per_workload[workload][hour] = per_workload[workload].get(hour, Decimal(0)) + total
-        if not per_workload:
-            return Decimal(0), []
-        worst = max(per_workload.values(), key=lambda b: sum(b.values(), Decimal(0)))
-        return sum(worst.values(), Decimal(0)), sorted(worst.items())
     buckets: dict[datetime, Decimal] = defaultdict(Decimal)
-    for _, hour, total in rows:
-        buckets[hour] += total
-    return sum(buckets.values(), Decimal(0)), sorted(buckets.items())
+    for w, hour, total in rows:
+        if workload is None or w == workload:
+            buckets[hour] += total
+    return sorted(buckets.items())
 
 
 async def subject_quotas(
@@ -78,7 +76,23 @@ async def subject_quotas(
         resolved = config.groups_of(subject, reported)
         quotas = effective_quotas(config, subject, resolved)
         as_of_seq, as_of = await store.ledger_head(conn)
-        for q in quotas:
-            used, buckets = await _used(conn, config, q, subject, resolved, now)
+        specs = [
+            store.TotalSpec(
+                _subjects(config, q, subject, resolved),
+                q.metric,
+                window_start(q.window, now),
+                per_workload=q.per == "workload",
+            )
+            for q in quotas
+        ]
+        for q, spec, totals in zip(
+            quotas, specs, await store.usage_totals(conn, specs), strict=True
+        ):
+            # Per workload: the most-used workload is the one closest to its limit.
+            workload, used = max(totals.items(), key=lambda t: t[1], default=(None, Decimal(0)))
+            buckets: list[tuple[datetime, Decimal]] = []
+            if used >= q.limit and q.window.rolling is not None:
+                buckets = await _buckets(conn, q, spec.subjects, workload if spec.per_workload
+                                         else None, now)  # fmt: skip
             statuses.append(status(q, used, buckets, now))
     return SubjectQuotas(subject, resolved, quotas, statuses, as_of_seq, as_of)
