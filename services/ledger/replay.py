@@ -105,31 +105,40 @@ class RebuildResult:
         return self.missing == 0 and self.extra == 0
 
 
+_REBUILT = """SELECT subject, metric, date_trunc('hour', window_end, 'UTC') AS hour,
+                       workload, host, sum(delta)::numeric(38, 6) AS total,
+                       count(*)::integer AS events
+                FROM usage_events GROUP BY 1, 2, 3, 4, 5"""
+
+
 async def rebuild_rollups(conn: asyncpg.Connection, apply: bool = True) -> RebuildResult:
     """Recompute `usage_hourly` from `usage_events`; compare; replace it when `apply`.
 
     The ledger head is locked meanwhile, so no batch commits between reading the events
-    and writing the projection.
+    and writing the projection. The comparison is one pass: the events' GROUP BY hash-joined
+    to the projection (a row that differs counts as missing and as extra, as with EXCEPT),
+    so a rebuild that finds nothing to do costs little more than the GROUP BY itself.
     """
     async with conn.transaction():
         await conn.execute("SELECT 1 FROM ledger_head WHERE id = 1 FOR UPDATE")
-        await conn.execute(
-            """CREATE TEMP TABLE rebuilt ON COMMIT DROP AS
-               SELECT subject, metric, date_trunc('hour', window_end, 'UTC') AS hour,
-                      workload, host, sum(delta)::numeric(38, 6) AS total,
-                      count(*)::integer AS events
-               FROM usage_events GROUP BY 1, 2, 3, 4, 5"""
+        found = await conn.fetchrow(
+            f"""WITH rebuilt AS ({_REBUILT})
+                SELECT count(r.subject) AS rows,
+                       count(*) FILTER (WHERE r.subject IS NOT NULL AND (h.subject IS NULL
+                           OR (r.total, r.events) IS DISTINCT FROM (h.total, h.events)))
+                           AS missing,
+                       count(*) FILTER (WHERE h.subject IS NOT NULL AND (r.subject IS NULL
+                           OR (r.total, r.events) IS DISTINCT FROM (h.total, h.events)))
+                           AS extra
+                FROM rebuilt r FULL JOIN usage_hourly h
+                  ON r.subject = h.subject AND r.metric = h.metric AND r.hour = h.hour
+                 AND r.workload = h.workload AND r.host = h.host"""
         )
-        missing = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT * FROM rebuilt EXCEPT SELECT * FROM usage_hourly) d"
-        )
-        extra = await conn.fetchval(
-            "SELECT count(*) FROM (SELECT * FROM usage_hourly EXCEPT SELECT * FROM rebuilt) d"
-        )
-        rows = await conn.fetchval("SELECT count(*) FROM rebuilt")
+        assert found is not None
+        rows, missing, extra = found["rows"], found["missing"], found["extra"]
         if apply and (missing or extra):
             await conn.execute("DELETE FROM usage_hourly")
-            await conn.execute("INSERT INTO usage_hourly SELECT * FROM rebuilt")
+            await conn.execute(f"INSERT INTO usage_hourly {_REBUILT}")
     return RebuildResult(int(rows), int(missing), int(extra))
 
 
