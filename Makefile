@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint typecheck unit integration e2e clean
+.PHONY: install system-deps run test lint typecheck unit integration e2e bench clean
 
 # Debian packages: iptables and iproute2 for the meter (accounting chains, network
 # namespaces); chromium and two font packages for the web page's browser test. Installed
@@ -55,6 +55,11 @@ integration: install
 
 e2e: install
 	$(BIN)/pytest -q tests/e2e
+
+# Benchmarks against raw baselines in the same run: quick mode (< 5 min) by default,
+# BENCH_FULL=1 for the 10M-event runs. Prints a table, writes bench/results/latest.json.
+bench: install
+	BENCH_FULL=$(BENCH_FULL) $(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -42,6 +42,11 @@ class Contract(BaseModel):
 def _to_decimal(value: Any) -> Any:
     # Binary floats never enter the ledger: a float is taken by its shortest repr, which
     # is exactly the decimal text the publisher wrote when it has <= 15 significant digits.
+    kind = type(value)
+    if kind is Decimal:  # what parse_json makes of a JSON fraction: the common case first
+        return value
+    if kind is int:
+        return Decimal(value)
     if isinstance(value, bool):
         raise ValueError("must be a number, not a boolean")
     if isinstance(value, float):
@@ -108,20 +113,36 @@ DecimalText = Annotated[
 """An exact decimal that travels as a JSON string, e.g. a usage delta."""
 
 
+# Names and metrics repeat in every batch: remember the ones already found good.
+_GOOD_NAMES: set[str] = set()
+_GOOD_METRICS: set[str] = set()
+_REMEMBER = 100_000
+
+
 def _check_name(value: str) -> str:
+    if value in _GOOD_NAMES:
+        return value
     if not value or len(value) > 200:
         raise ValueError("must be 1 to 200 characters")
     if _CONTROL.search(value):
         raise ValueError("must not contain control characters")
+    if len(_GOOD_NAMES) >= _REMEMBER:
+        _GOOD_NAMES.clear()
+    _GOOD_NAMES.add(value)
     return value
 
 
 def _check_metric(value: str) -> str:
+    if value in _GOOD_METRICS:
+        return value
+    if len(_GOOD_METRICS) >= _REMEMBER:
+        _GOOD_METRICS.clear()
     if len(value) > 100 or not METRIC_RE.match(value):
         raise ValueError(
             f"{value!r} is not a metric name: use lower-case dotted words such as "
             "'net.tx.wan.bytes' or 'myapp.requests'"
         )
+    _GOOD_METRICS.add(value)
     return value
 
 

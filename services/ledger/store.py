@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import NamedTuple
 
 import asyncpg
 
@@ -16,8 +17,8 @@ from .domain import (
     SeriesKey,
     SeriesState,
     UsageDelta,
-    batch_hash,
     fold,
+    usage_batch_hash,
 )
 
 _EVENT_COLUMNS = (
@@ -39,8 +40,7 @@ _EVENT_COLUMNS = (
 )
 
 
-@dataclass(frozen=True)
-class CommittedEvent:
+class CommittedEvent(NamedTuple):
     """A usage event as committed, with its ledger sequence and batch hash."""
 
     seq: int
@@ -77,12 +77,8 @@ async def _load_states(
         [k.workload for k in keys],
         [k.metric for k in keys],
     )
-    return {
-        SeriesKey(r["host"], r["epoch"], r["subject"], r["workload"], r["metric"]): SeriesState(
-            r["high"], r["last_seq"], r["last_sampled_at"], r["final"]
-        )
-        for r in rows
-    }
+    # By position (the SELECT's order): tens of thousands of rows per batch.
+    return {SeriesKey(*r[:5]): SeriesState(*r[5:]) for r in rows}
 
 
 async def _save_states(
@@ -120,9 +116,14 @@ async def _save_rollups(conn: asyncpg.Connection, usage: Sequence[UsageDelta]) -
     totals: dict[tuple[str, str, datetime, str, str], list[Decimal | int]] = defaultdict(
         lambda: [Decimal(0), 0]
     )
+    hours: dict[datetime, datetime] = {}  # a batch's events share a handful of instants
     for u in usage:
-        hour = u.window_end.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
-        acc = totals[(u.key.subject, u.key.metric, hour, u.key.workload, u.key.host)]
+        end = u.window_end
+        hour = hours.get(end)
+        if hour is None:
+            hour = hours[end] = end.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        k = u.key
+        acc = totals[(k.subject, k.metric, hour, k.workload, k.host)]
         acc[0] += u.delta
         acc[1] += 1
     if not totals:
@@ -147,6 +148,22 @@ async def _save_rollups(conn: asyncpg.Connection, usage: Sequence[UsageDelta]) -
     )
 
 
+def _event_records(
+    first_seq: int, batch_id: int, now: datetime, usage: Sequence[UsageDelta]
+) -> list[tuple[object, ...]]:
+    """usage_events rows in _EVENT_COLUMNS order."""
+    rows = []
+    seq = first_seq
+    for u in usage:
+        labels = json.dumps(dict(u.labels)) if u.labels else "{}"
+        rows.append(
+            (seq, batch_id, now, *u.key, u.delta, u.window_start, u.window_end,
+             u.sample_seq, u.stream_seq, u.reset, labels)
+        )  # fmt: skip
+        seq += 1
+    return rows
+
+
 async def apply_readings(
     conn: asyncpg.Connection, consumer: str, items: Sequence[Reading], last_stream_seq: int
 ) -> BatchResult:
@@ -160,7 +177,7 @@ async def apply_readings(
             "SELECT last_seq, last_batch, last_hash FROM ledger_head WHERE id = 1 FOR UPDATE"
         )
         assert head is not None, "ledger_head row missing: run migrations"
-        keys = sorted({r.key for r in items})
+        keys = list({r.key: None for r in items})  # each series once
         states = await _load_states(conn, keys)
         usage, changed = fold(states, items)
         now = datetime.now(UTC)
@@ -170,8 +187,7 @@ async def apply_readings(
             await conn.execute("SELECT tollgate_usage_partition($1)", now)
             batch_id = head["last_batch"] + 1
             first_seq = head["last_seq"] + 1
-            chained = [u.chained(first_seq + i) for i, u in enumerate(usage)]
-            digest = batch_hash(head["last_hash"], batch_id, chained)
+            digest = usage_batch_hash(head["last_hash"], batch_id, first_seq, usage)
             last_seq = first_seq + len(usage) - 1
             await conn.execute(
                 """INSERT INTO ledger_batches (batch_id, committed_at, first_seq, last_seq,
@@ -189,26 +205,7 @@ async def apply_readings(
             await conn.copy_records_to_table(
                 "usage_events",
                 columns=_EVENT_COLUMNS,
-                records=[
-                    (
-                        first_seq + i,
-                        batch_id,
-                        now,
-                        u.key.host,
-                        u.key.epoch,
-                        u.key.subject,
-                        u.key.workload,
-                        u.key.metric,
-                        u.delta,
-                        u.window_start,
-                        u.window_end,
-                        u.sample_seq,
-                        u.stream_seq,
-                        u.reset,
-                        json.dumps(dict(u.labels)) if u.labels else "{}",
-                    )
-                    for i, u in enumerate(usage)
-                ],
+                records=_event_records(first_seq, batch_id, now, usage),
             )
             await conn.execute(
                 "UPDATE ledger_head SET last_seq = $1, last_batch = $2, last_hash = $3 "
