@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from contracts import PayloadError, parse_json
 from contracts.usage import UsageRecorded, usage_stream, usage_wildcard
-from tollgate.bus import durable_pull, fetch_ready
+from tollgate.bus import durable_pull
 
 from . import store
 from .journal import UNAVAILABLE
@@ -32,10 +32,6 @@ from .live import LiveState
 from .usage import Applied, UsageEvent
 
 log = logging.getLogger("tollgate.policy.feed")
-# Spawn checks are answered on the event loop that folds the feed: folding a fetched batch
-# of 1000 events in one go held a check back by tens of milliseconds, so the fold hands
-# the loop over this often.
-YIELD_EVERY = 64
 
 
 def event_of(msg: UsageRecorded) -> UsageEvent:
@@ -94,7 +90,7 @@ class UsageFollower:
                 if self._sub is None:
                     await self.subscribe()
                 assert self._sub is not None
-                msgs: list[Msg] = await fetch_ready(self._sub, self.batch, 0.5)
+                msgs: list[Msg] = await self._sub.fetch(self.batch, timeout=0.5)
             except TimeoutError:
                 continue
             except (nats.errors.Error, OSError) as exc:
@@ -116,8 +112,6 @@ class UsageFollower:
         fill yet goes back, to be redelivered shortly (each message is acked on its own, so
         a later ack never covers one handed back)."""
         for i, msg in enumerate(msgs):
-            if i % YIELD_EVERY == YIELD_EVERY - 1:
-                await asyncio.sleep(0)  # let spawn checks in between (see YIELD_EVERY)
             try:
                 event = event_of(UsageRecorded.model_validate(parse_json(msg.data)))
             except (PayloadError, ValidationError) as exc:
@@ -144,10 +138,7 @@ class UsageFollower:
         async with self.pool.acquire() as conn:
             events = await store.events_after(conn, usage.last_seq, limit)
         before = usage.last_seq
-        for start in range(0, len(events), YIELD_EVERY):
-            if self.live.apply(events[start : start + YIELD_EVERY]) is Applied.GAP:
-                break
-            await asyncio.sleep(0)  # let spawn checks in between
+        self.live.apply(events)
         gained = usage.last_seq - before
         self.live.stats.bump("usage_catchup_events", gained)
         return gained
