@@ -152,8 +152,14 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def _check_quota_metric(value: str) -> str:
+    return value if value == "cost" else _check_metric(value)
+
+
 Name = Annotated[str, AfterValidator(_check_name)]
 MetricName = Annotated[str, AfterValidator(_check_metric)]
+# What a quota limits: a metric, or "cost" (a budget in money over every priced metric).
+QuotaMetric = Annotated[str, AfterValidator(_check_quota_metric)]
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 

@@ -40,6 +40,9 @@ class UsageRecorded(Contract):
     window_end: UtcDatetime
     reset: bool = False
     batch_hash: str
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="the sample's labels, e.g. gpu_model (prices use it)"
+    )
 
 
 def usage_subject(subject: str, prefix: str = DEFAULT_PREFIX) -> str:

@@ -27,7 +27,13 @@ from contracts.commands import (
     unblock_subject,
 )
 from contracts.dlq import DeadLetterReason, dlq_stream, dlq_wildcard
-from contracts.quota_events import QuotaExceeded, QuotaWarning, events_stream, quota_events_subject
+from contracts.quota_events import (
+    QuotaExceeded,
+    QuotaForecast,
+    QuotaWarning,
+    events_stream,
+    quota_events_subject,
+)
 from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from contracts.usage import UsageRecorded, usage_stream, usage_subject
@@ -128,8 +134,9 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         _param(quota_events_subject, "subject", prefix),
         "quota-events",
         QuotaWarning,
-        "`tollgate.quota_warning.v1` once per threshold per window, and "
-        "`tollgate.quota_exceeded.v1`. " + _stored(events_stream(prefix)),
+        "`tollgate.quota_warning.v1` once per threshold per window, "
+        "`tollgate.quota_exceeded.v1`, and `tollgate.quota_forecast.v1` when the recent "
+        "rate would use the quota up within its window. " + _stored(events_stream(prefix)),
     )
     reasons = ", ".join(f"`{r.value}`" for r in DeadLetterReason)
     broker.publisher(
@@ -150,6 +157,7 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(spec.to_specification().to_json())
     _add_message(doc, "workloads", WorkloadStopped)
     _add_message(doc, "quota-events", QuotaExceeded)
+    _add_message(doc, "quota-events", QuotaForecast)
     _add_spawn_reply(doc)
     _add_parameters(doc)
     # FastStream keeps channels in no fixed order; a stable file diffs cleanly.

@@ -90,6 +90,14 @@ class QuotaPublic(Public):
     warn_at: list[DecimalText] = Field(
         default_factory=list, description="fractions of the limit at which a warning is given"
     )
+    projected_exhaustion_at: UtcDatetime | None = Field(
+        default=None,
+        description=(
+            "when the quota runs out at the recent rate (usage in the last min(window, 6 h) "
+            "of hour buckets, projected linearly); null when nothing is being used, the quota "
+            "is used up, or the instant lies beyond the window's end"
+        ),
+    )
 
 
 class QuotasPublic(Public):

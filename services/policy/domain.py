@@ -139,6 +139,7 @@ def status(
     buckets: Sequence[tuple[datetime, Decimal]],
     now: datetime,
     reserved: Decimal = Decimal(0),
+    projected: datetime | None = None,
 ) -> QuotaStatus:
     """How one quota stands, in the unit it was written in."""
     if used >= quota.limit:
@@ -160,6 +161,7 @@ def status(
         retry_at=retry_at(quota, used, buckets, now),
         enforce=sorted(quota.enforce),
         reserved=_exact(a.in_unit(reserved)),
+        projected_exhaustion_at=projected,
     )
 
 
@@ -174,13 +176,15 @@ class Standing:
     workload: str | None = None
     reserved: Decimal = Decimal(0)
     need: Decimal = Decimal(0)
+    projected: datetime | None = None  # when it runs out at the recent rate (forecast.py)
+    recent: Decimal = Decimal(0)  # usage in the forecast's lookback
 
     @property
     def exceeded(self) -> bool:
         return self.used >= self.quota.limit
 
     def status(self, now: datetime) -> QuotaStatus:
-        return status(self.quota, self.used, self.buckets, now, self.reserved)
+        return status(self.quota, self.used, self.buckets, now, self.reserved, self.projected)
 
 
 def need_of(metric: str, resources: Resources, seconds: Decimal) -> Decimal:

@@ -15,6 +15,9 @@ from contracts.spawn import QuotaStatus
 from . import store
 from .config import PolicyConfig
 from .domain import EffectiveQuota, effective_quotas, status, window_start
+from .forecast import lookback_start, projected_exhaustion
+from .prices import COST
+from .windows import floor_hour
 
 
 @dataclass(frozen=True)
@@ -50,13 +53,41 @@ async def _buckets(
     now: datetime,
 ) -> list[tuple[datetime, Decimal]]:
     """Hourly usage in the window (of one workload, for per-workload quotas): what
-    `retry_at` of a rolling window needs, and only when the quota is exceeded."""
-    rows = await store.hourly_usage(conn, subjects, quota.metric, window_start(quota.window, now))
+    `retry_at` of a rolling window and the forecast need."""
+    since = window_start(quota.window, now)
+    if workload is None:
+        return await store.hourly_totals(conn, subjects, quota.metric, since)
+    rows = await store.hourly_usage(conn, subjects, quota.metric, since)
     buckets: dict[datetime, Decimal] = defaultdict(Decimal)
     for w, hour, total in rows:
         if workload is None or w == workload:
             buckets[hour] += total
     return sorted(buckets.items())
+
+
+async def _cost_hours(
+    conn: asyncpg.Connection, config: PolicyConfig, subjects: Sequence[str], since: datetime | None
+) -> list[tuple[datetime, Decimal]]:
+    """A cost quota's hour buckets: every priced metric's usage, priced by the hour."""
+    book = config.pricebook
+    if not book.metrics:
+        return []
+    rows = await store.priced_hours(conn, subjects, sorted(book.metrics), since)
+    hours: dict[datetime, Decimal] = defaultdict(Decimal)
+    for _, metric, gpu_model, hour, total in rows:
+        hours[hour] += book.cost(metric, gpu_model, hour, total)
+    return sorted(hours.items())
+
+
+def _forecast(
+    q: EffectiveQuota, used: Decimal, hours: Sequence[tuple[datetime, Decimal]], now: datetime
+) -> datetime | None:
+    start = lookback_start(q.window, now)
+    if start is None or q.per == "workload":
+        return None
+    last = floor_hour(now)
+    recent = sum((a for t, a in hours if start <= t <= last), Decimal(0))
+    return projected_exhaustion(q.window, q.limit, used, recent, now, lambda: hours)
 
 
 async def subject_quotas(
@@ -68,6 +99,8 @@ async def subject_quotas(
 ) -> SubjectQuotas:
     """Evaluate every quota that applies to `subject`: config groups plus `groups`, or when
     none are given, the groups integrators last reported for the subject (as the policy does).
+
+    Each status carries the forecast (forecast.py) from the same hour buckets as the policy's.
     """
     now = now or datetime.now(UTC)
     statuses = []
@@ -85,14 +118,20 @@ async def subject_quotas(
             )
             for q in quotas
         ]
-        for q, spec, totals in zip(
-            quotas, specs, await store.usage_totals(conn, specs), strict=True
-        ):
-            # Per workload: the most-used workload is the one closest to its limit.
-            workload, used = max(totals.items(), key=lambda t: t[1], default=(None, Decimal(0)))
-            buckets: list[tuple[datetime, Decimal]] = []
-            if used >= q.limit and q.window.rolling is not None:
-                buckets = await _buckets(conn, q, spec.subjects, workload if spec.per_workload
-                                         else None, now)  # fmt: skip
-            statuses.append(status(q, used, buckets, now))
+        totals_of = await store.usage_totals(conn, [s for s in specs if s.metric != COST])
+        found = iter(totals_of)
+        for q, spec in zip(quotas, specs, strict=True):
+            hours: list[tuple[datetime, Decimal]] = []
+            if q.metric == COST:
+                hours = await _cost_hours(conn, config, spec.subjects, spec.since)
+                workload, used = None, sum((a for _, a in hours), Decimal(0))
+            else:
+                # Per workload: the most-used workload is the one closest to its limit.
+                totals = next(found)
+                workload, used = max(totals.items(), key=lambda t: t[1], default=(None, Decimal(0)))
+                wants_forecast = q.per != "workload" and used < q.limit and used > 0
+                if (used >= q.limit and q.window.rolling is not None) or wants_forecast:
+                    hours = await _buckets(conn, q, spec.subjects, workload if spec.per_workload
+                                           else None, now)  # fmt: skip
+            statuses.append(status(q, used, hours, now, projected=_forecast(q, used, hours, now)))
     return SubjectQuotas(subject, resolved, quotas, statuses, as_of_seq, as_of)

@@ -11,6 +11,7 @@ from contracts.workloads import Resources
 
 from .config import PolicyConfig
 from .domain import EffectiveQuota, Standing, effective_quotas, need_of
+from .forecast import lookback_start, projected_exhaustion
 from .reservations import ReservationBook
 from .usage import ZERO, Buckets, UsageState
 from .windows import (
@@ -83,6 +84,13 @@ def subject_standing(
     reserved = view.holds.reserved(who, quota.metric, view.now)
     need = ZERO if ask is None else need_of(quota.metric, ask.resources, ask.seconds)
     short = used >= quota.limit or used + reserved + need > quota.limit
+    projected, recent = None, ZERO
+    recent_start = lookback_start(quota.window, view.now)
+    if recent_start is not None:
+        recent = sum((b.sum_between(recent_start, view.now) for b in series), ZERO)
+        projected = projected_exhaustion(
+            quota.window, quota.limit, used, recent, view.now, lambda: _merged(series, start)
+        )
     return Standing(
         quota=quota,
         used=used,
@@ -90,6 +98,8 @@ def subject_standing(
         period=period_of(quota.window, view.now),
         reserved=reserved,
         need=need,
+        projected=projected,
+        recent=recent,
     )
 
 
