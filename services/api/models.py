@@ -154,6 +154,9 @@ class MetricTotal(Public):
     unit: str = Field(description="base unit of the total: B, byte·s, s, or '' for counts")
     total: DecimalText
     events: int
+    cost: DecimalText | None = Field(
+        default=None, exclude_if=_absent, description="in the report's currency (priced metrics)"
+    )
 
 
 class ResourcesPublic(Public):
@@ -222,6 +225,12 @@ class ReportRow(Public):
     workload: str | None = Field(default=None, exclude_if=_absent)
     host: str | None = Field(default=None, exclude_if=_absent)
     day: date | None = Field(default=None, exclude_if=_absent, description="UTC day")
+    cost: DecimalText | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="what the usage costs in the report's currency, each hour at the price in "
+        "force then, to 6 decimal places (half-even); absent for unpriced metrics",
+    )
 
 
 class UsageReportPublic(Public):
@@ -232,5 +241,11 @@ class UsageReportPublic(Public):
     subjects: int = Field(description="subjects with usage in the range")
     rows: list[ReportRow]
     totals: list[MetricTotal] = Field(description="every subject together, per metric")
+    currency: str | None = Field(
+        default=None, exclude_if=_absent, description="of every cost, when prices are configured"
+    )
+    total_cost: DecimalText | None = Field(
+        default=None, exclude_if=_absent, description="every subject and metric together"
+    )
     as_of_seq: int
     as_of: UtcDatetime | None
