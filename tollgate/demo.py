@@ -44,11 +44,11 @@ class SimWorkload:
     counters: dict[str, Decimal] = field(default_factory=dict)
     stopped_by: str | None = None
 
-    def labels(self, metric: str) -> dict[str, str] | None:
+    def labels(self, metric: str) -> dict[str, str]:
         """GPU usage carries the model, as NVML reports it (prices may depend on it)."""
-        return (
-            {"gpu_model": self.gpu_model} if metric.startswith("gpu.") and self.gpu_model else None
-        )
+        if metric.startswith("gpu.") and self.gpu_model:
+            return {"gpu_model": self.gpu_model}
+        return {}
 
     def advance(self, seconds: Decimal) -> None:
         if self.stopped_by is not None:

@@ -16,7 +16,7 @@ from contracts.spawn import QuotaStatus
 from contracts.workloads import Resources
 
 from .config import PolicyConfig, QuotaRule, Window
-from .units import Amount, format_number
+from .units import Amount
 from .windows import (
     HOUR,
     calendar_bounds,
@@ -220,8 +220,7 @@ def _sentence(s: Standing, now: datetime) -> tuple[str, datetime | None]:
     limit = q.show(q.limit)
     if s.exceeded:
         text = (
-            f"You have used {format_number(q.amount.in_unit(s.used))} of {limit} "
-            f"({q.name}) {q.window.describe()}"
+            f"You have used {q.amount.number(s.used)} of {limit} ({q.name}) {q.window.describe()}"
         )
         back = retry_at(q, s.used, s.buckets, now)
     else:
@@ -250,8 +249,7 @@ def _allowed_message(subject: str, gating: Sequence[Standing]) -> str:
     for s in closest[:2]:
         q = s.quota
         part = (
-            f"{format_number(q.amount.in_unit(s.used))} of {q.show(q.limit)} used ({q.name}) "
-            f"{q.window.describe()}"
+            f"{q.amount.number(s.used)} of {q.show(q.limit)} used ({q.name}) {q.window.describe()}"
         )
         if s.need:
             part += f", {q.show(s.need)} held for this spawn"

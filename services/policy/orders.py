@@ -37,7 +37,7 @@ def _digest(*parts: str) -> str:
 
 def _used(s: Standing) -> str:
     q = s.quota
-    text = f"{format_number(q.amount.in_unit(s.used))} of {q.show(q.limit)} ({q.name})"
+    text = f"{q.amount.number(s.used)} of {q.show(q.limit)} ({q.name})"
     if q.window.workload_hour:
         return f"{text} in hour {s.period.removeprefix('h')} of the workload"
     return f"{text} {q.window.describe()}"
@@ -46,6 +46,11 @@ def _used(s: Standing) -> str:
 def _wire(metric: str, base: Decimal) -> Decimal:
     """Amounts on the wire are in the metric's base unit; a cost's is the currency."""
     return to_money(base).normalize() if metric == COST else base
+
+
+def _rate(per_hour: Decimal) -> str:
+    """A rate people can read even when small: '1.2', '0.0031'."""
+    return format_number(per_hour) if per_hour >= 1 else f"{per_hour.normalize():.2g}"
 
 
 def _in_unit(s: Standing, base: Decimal) -> Decimal:
@@ -80,7 +85,7 @@ def _forecast(
         quota=q.name,
         inputs=_inputs(s, {"projected_exhaustion_at": action.projected, "recent": recent}),
         message=(
-            f"At this rate ({q.show(per_hour * q.amount.factor)} per hour) {action.subject} "
+            f"At this rate ({_rate(per_hour)} {q.amount.unit} per hour) {action.subject} "
             f"runs out of {q.name} on {when(action.projected)}: used {_used(s)}."
         ),
     )

@@ -76,7 +76,14 @@ def parse_money(text: str | int, currency: str | None) -> Amount:
         )
     if cur != currency:
         raise UnitError(f"{text!r} is in {cur} but the prices are in {currency}; use one currency")
-    return Amount(_exact(value), currency, SCALE)
+    return Money(_exact(value), currency, SCALE)
+
+
+class Money(Amount):
+    """A cost limit: shown to the cent (rounded half-even), kept exactly in cost units."""
+
+    def number(self, base_value: Decimal) -> str:
+        return f"{to_money(base_value).quantize(Decimal('0.01')):,}"
 
 
 class PriceRule(BaseModel):

@@ -108,6 +108,11 @@ async def test_a_constant_rate_fleet_is_forecast_to_the_exact_instant_and_warned
     [status] = (await api.get(f"/v1/subjects/{ann}/quotas")).json()["quotas"]
     assert datetime.fromisoformat(status["projected_exhaustion_at"]) == expected
 
+    async def folded() -> bool:  # the policy folds the feed on its own schedule
+        d = await spawn(nc, prefix, SpawnRequest(subject=ann))
+        return d.quotas[0].used == 5
+
+    await wait_until(folded, 30, "the policy to fold the fleet's 5 MB")
     decision = await spawn(nc, prefix, SpawnRequest(subject=ann))
     assert decision.quotas[0].projected_exhaustion_at == expected
 
@@ -126,9 +131,8 @@ async def test_a_constant_rate_fleet_is_forecast_to_the_exact_instant_and_warned
     assert (event["limit"], event["unit"]) == ("50", "MB") and k in range(1, 6)
     at_k = oracle_projection(now, lookback, k * MB, k * MB, 50 * MB)
     assert datetime.fromisoformat(event["projected_exhaustion_at"]) == at_k
-    assert Decimal(str(event["rate_per_hour"])) == (
-        Decimal(k) / Decimal((now - lookback) / timedelta(hours=1))
-    ).quantize(Decimal("0.000001"))
+    per_hour = Fraction(k) / Fraction((now - lookback) // timedelta(microseconds=1), 3600 * 10**6)
+    assert abs(Fraction(str(event["rate_per_hour"])) - per_hour) <= Fraction(1, 10**6)
 
     # More usage at the same rate: the projection moves, but the forecast is not repeated.
     # The warning at half the quota shows the policy evaluated the new usage.
