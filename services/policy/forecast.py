@@ -6,7 +6,8 @@ lookback's start to now. The projection is linear: `now + remaining / rate`. For
 window, usage that leaves the window before that instant is given back (each hour bucket
 leaves at `hour + 1 h + window`, as for `retry_at`), so the projection walks the drop-outs.
 None when nothing was used in the lookback, the quota is already used up, or the instant
-falls beyond the horizon: the end of a calendar period, `now + window` for a rolling one.
+falls beyond the horizon: the end of a calendar period, `now + window` for a rolling one,
+100 years for a lifetime quota.
 Workload-hour windows get no projection (the window is an hour of one workload).
 """
 
@@ -21,6 +22,8 @@ from .config import Window
 from .windows import HOUR, calendar_bounds, floor_hour, window_start
 
 LOOKBACK = timedelta(hours=6)
+LIFETIME = timedelta(days=36525)
+FAR = 2 * LIFETIME
 MICRO = timedelta(microseconds=1)
 ZERO = Decimal(0)
 
@@ -35,13 +38,13 @@ def lookback_start(window: Window, now: datetime) -> datetime | None:
     return start if first is None else max(start, first)
 
 
-def horizon_end(window: Window, now: datetime) -> datetime | None:
-    """The latest instant a projection may name (None: no bound, a lifetime quota)."""
+def horizon_end(window: Window, now: datetime) -> datetime:
+    """The latest instant a projection may name (a lifetime quota looks 100 years ahead)."""
     if window.rolling is not None:
         return now + window.rolling
     if window.calendar is not None:
         return calendar_bounds(window, now)[1]
-    return None
+    return now + LIFETIME
 
 
 def _micros(d: timedelta) -> int:
@@ -50,7 +53,10 @@ def _micros(d: timedelta) -> int:
 
 def _after(t: datetime, micros: Fraction) -> datetime:
     # Rounded up to the microsecond: the projection is never earlier than the exact instant.
-    return t + MICRO * -(-micros.numerator // micros.denominator)
+    whole = -(-micros.numerator // micros.denominator)
+    if whole > _micros(FAR):
+        return t + FAR  # past every horizon: compared, then refused
+    return t + MICRO * whole
 
 
 def rate_per_second(window: Window, recent: Decimal, now: datetime) -> Decimal:
@@ -96,7 +102,6 @@ def projected_exhaustion(
             t = drop_at
         else:
             reach = _after(t, (Fraction(limit) - level) / rate)
-    end = horizon_end(window, now)
-    if end is not None and reach > end:
+    if reach > horizon_end(window, now):
         return None
     return reach

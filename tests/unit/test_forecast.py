@@ -14,6 +14,7 @@ from services.policy.config import Window, parse_config
 from services.policy.domain import effective_quotas
 from services.policy.engine import FORECAST, Forecast, decide
 from services.policy.forecast import (
+    LIFETIME,
     LOOKBACK,
     lookback_start,
     projected_exhaustion,
@@ -31,13 +32,17 @@ MONTH = Window(calendar="month")
 DAYS30 = Window(rolling=timedelta(days=30))
 
 
-def exact(now: datetime, start: datetime, used: int, recent: int, limit: int) -> datetime:
+def exact(
+    now: datetime, start: datetime, used: int, recent: int, limit: int, cap: bool = False
+) -> datetime | None:
     """The oracle: now + remaining / (recent / elapsed), with exact fractions, rounded up to
-    the microsecond."""
+    the microsecond (None, with `cap`, past 200 years: no datetime holds it)."""
     elapsed_us = (now - start) // timedelta(microseconds=1)
     rate = Fraction(recent, elapsed_us)  # per microsecond
     wait = Fraction(limit - used) / rate
     whole = -(-wait.numerator // wait.denominator)
+    if cap and whole > 2 * LIFETIME // timedelta(microseconds=1):
+        return None
     return now + timedelta(microseconds=whole)
 
 
@@ -66,7 +71,8 @@ def test_a_lifetime_projection_is_the_exact_linear_instant(
     got = projected_exhaustion(w, Decimal(limit), Decimal(used), Decimal(recent), NOW)
     start = lookback_start(w, NOW)
     assert start is not None
-    assert got == exact(NOW, start, used, recent, limit)
+    expected = exact(NOW, start, used, recent, limit, cap=True)
+    assert got == (None if expected is None or expected > NOW + LIFETIME else expected)
 
 
 def test_a_constant_rate_runs_out_when_the_arithmetic_says() -> None:
@@ -94,6 +100,11 @@ def test_usage_leaving_a_rolling_window_postpones_the_projection() -> None:
     # At 11:00: 1150 + 50 - 500 = 700, then 600 more at 100/h: 6 hours later.
     assert got == datetime(2026, 12, 2, 17, tzinfo=UTC)
     assert got is not None and got > naive
+
+
+def test_a_lifetime_quota_used_slowly_gets_no_projection_rather_than_an_overflow() -> None:
+    w = Window(lifetime=True)
+    assert projected_exhaustion(w, Decimal(10**30), Decimal(1), Decimal(1), NOW) is None
 
 
 def test_a_rolling_projection_past_now_plus_the_window_is_none() -> None:
@@ -148,4 +159,4 @@ def test_effective_quotas_include_cost_budgets() -> None:
         "quotas: [{name: budget, metric: cost, limit: 200 USD, window: {calendar: month}}]"
     )
     [q] = effective_quotas(config, "ann", [])
-    assert q.metric == COST and q.show(q.limit) == "200 USD"
+    assert q.metric == COST and q.show(q.limit) == "200.00 USD"
