@@ -13,7 +13,7 @@ Workload-hour windows get no projection (the window is an hour of one workload).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from decimal import Decimal
 from fractions import Fraction
@@ -67,6 +67,18 @@ def rate_per_second(window: Window, recent: Decimal, now: datetime) -> Decimal:
     return recent / (Decimal(_micros(now - start)) / 1_000_000)
 
 
+def _integers(values: Sequence[Decimal]) -> list[int]:
+    """Exact decimals as integers on one common scale (10^digits): the walk stays exact
+    without the cost of fractions."""
+    parts = [v.as_tuple() for v in values]
+    scale = max([0, *(-int(p.exponent) for p in parts)])
+    out = []
+    for p in parts:
+        n = int("".join(map(str, p.digits)) or "0") * 10 ** (int(p.exponent) + scale)
+        out.append(-n if p.sign else n)
+    return out
+
+
 def projected_exhaustion(
     window: Window,
     limit: Decimal,
@@ -77,31 +89,35 @@ def projected_exhaustion(
 ) -> datetime | None:
     """When `used` reaches `limit` at the lookback's rate; see the module's docstring.
 
-    Computed in exact fractions. `buckets` gives the window's hour buckets; it is only
-    called for a rolling window whose naive projection lies beyond the first instant usage
-    could leave the window.
+    Exact (integers on a common decimal scale, microseconds), rounded up at the end.
+    `buckets` gives the window's hour buckets; it is only called for a rolling window whose
+    projection lies inside the horizon yet beyond the first instant usage could leave it.
     """
     start = lookback_start(window, now)
     if used >= limit or start is None or recent <= 0 or now <= start:
         return None
-    rate = Fraction(recent) / _micros(now - start)  # per microsecond
-    reach = _after(now, (Fraction(limit) - Fraction(used)) / rate)
+    elapsed = _micros(now - start)
+    end = horizon_end(window, now)
+    reach = _after(now, (Fraction(limit) - Fraction(used)) * elapsed / Fraction(recent))
+    if reach > end:
+        return None  # usage leaving a rolling window only ever postpones it
     rolling = window.rolling
     # The oldest bucket in the window leaves it at floor_hour(now - rolling) + 1 h + rolling.
-    if rolling is not None and reach > floor_hour(now - rolling) + HOUR + rolling:
-        drops = sorted((hour + HOUR + rolling, amount) for hour, amount in buckets() if amount)
-        t, level = now, Fraction(used)
-        for drop_at, amount in drops:
-            if drop_at <= t:
-                level -= Fraction(amount)  # already out of the window
-                continue
-            reach = _after(t, (Fraction(limit) - level) / rate)
-            if reach <= drop_at:
-                break
-            level += rate * _micros(drop_at - t) - Fraction(amount)
-            t = drop_at
-        else:
-            reach = _after(t, (Fraction(limit) - level) / rate)
-    if reach > horizon_end(window, now):
-        return None
-    return reach
+    if rolling is None or reach <= floor_hour(now - rolling) + HOUR + rolling:
+        return reach
+    found = sorted((hour + HOUR + rolling, amount) for hour, amount in buckets() if amount)
+    lim, level, rate, *amounts = _integers([limit, used, recent, *(a for _, a in found)])
+    # In units of (scaled amount x microseconds): level * elapsed grows by rate per µs.
+    t, need = 0, (lim - level) * elapsed  # need: what is left, times elapsed
+    for (drop_at, _), amount in zip(found, amounts, strict=True):
+        at = _micros(drop_at - now)
+        if at <= t:
+            need += amount * elapsed  # already out of the window
+            continue
+        if need <= rate * (at - t):
+            break  # reached before this bucket leaves
+        need += amount * elapsed - rate * (at - t)
+        t = at
+    reach = now + MICRO * t
+    reach = _after(reach, Fraction(need, rate))
+    return None if reach > end else reach
