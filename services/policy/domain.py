@@ -178,6 +178,7 @@ class Standing:
     need: Decimal = Decimal(0)
     projected: datetime | None = None  # when it runs out at the recent rate (forecast.py)
     recent: Decimal = Decimal(0)  # usage in the forecast's lookback
+    recent_since: datetime | None = None  # the first lookback hour holding any of it
 
     @property
     def exceeded(self) -> bool:

@@ -2,12 +2,13 @@
 
 The rate is the usage in the lookback (the hour buckets from `floor_hour(now - L)`, where
 L = min(window length, 6 h), never before the window's start) divided by the time from the
-lookback's start to now. The projection is linear: `now + remaining / rate`. For a rolling
-window, usage that leaves the window before that instant is given back (each hour bucket
-leaves at `hour + 1 h + window`, as for `retry_at`), so the projection walks the drop-outs.
-None when nothing was used in the lookback, the quota is already used up, or the instant
-falls beyond the horizon: the end of a calendar period, `now + window` for a rolling one,
-100 years for a lifetime quota.
+start of the first of those buckets that holds any usage to now (so a fleet that started
+minutes ago is not averaged over six empty hours). The projection is linear:
+`now + remaining / rate`. For a rolling window, usage that leaves the window before that
+instant is given back (each hour bucket leaves at `hour + 1 h + window`, as for
+`retry_at`), so the projection walks the drop-outs. None when nothing was used in the
+lookback, the quota is already used up, or the instant falls beyond the horizon: the end
+of a calendar period, `now + window` for a rolling one, 100 years for a lifetime quota.
 Workload-hour windows get no projection (the window is an hour of one workload).
 """
 
@@ -59,9 +60,17 @@ def _after(t: datetime, micros: Fraction) -> datetime:
     return t + MICRO * whole
 
 
-def rate_per_second(window: Window, recent: Decimal, now: datetime) -> Decimal:
-    """Usage per second over the lookback (`recent` is what the lookback's buckets hold)."""
+def _start(window: Window, now: datetime, since: datetime | None) -> datetime | None:
     start = lookback_start(window, now)
+    return start if start is None or since is None else max(start, since)
+
+
+def rate_per_second(
+    window: Window, recent: Decimal, now: datetime, since: datetime | None = None
+) -> Decimal:
+    """Usage per second over the lookback (`recent` is what the lookback's buckets hold,
+    `since` the first of them that holds any)."""
+    start = _start(window, now, since)
     if start is None or recent <= 0 or now <= start:
         return ZERO
     return recent / (Decimal(_micros(now - start)) / 1_000_000)
@@ -86,6 +95,7 @@ def projected_exhaustion(
     recent: Decimal,
     now: datetime,
     buckets: Callable[[], Iterable[tuple[datetime, Decimal]]] = list,
+    since: datetime | None = None,
 ) -> datetime | None:
     """When `used` reaches `limit` at the lookback's rate; see the module's docstring.
 
@@ -93,7 +103,7 @@ def projected_exhaustion(
     `buckets` gives the window's hour buckets; it is only called for a rolling window whose
     projection lies inside the horizon yet beyond the first instant usage could leave it.
     """
-    start = lookback_start(window, now)
+    start = _start(window, now, since)
     if used >= limit or start is None or recent <= 0 or now <= start:
         return None
     elapsed = _micros(now - start)

@@ -63,7 +63,7 @@ def _forecast(
     """A forecast is stored as a warning decision (reason forecast) and sent as its event."""
     s, q = action.standing, action.standing.quota
     recent = s.recent
-    per_hour = _in_unit(s, rate_per_second(q.window, recent, now) * 3600)
+    per_hour = _in_unit(s, rate_per_second(q.window, recent, now, s.recent_since) * 3600)
     event = QuotaForecast(
         subject=action.subject,
         quota=q.name,

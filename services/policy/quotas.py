@@ -86,8 +86,10 @@ def _forecast(
     if start is None or q.per == "workload":
         return None
     last = floor_hour(now)
-    recent = sum((a for t, a in hours if start <= t <= last), Decimal(0))
-    return projected_exhaustion(q.window, q.limit, used, recent, now, lambda: hours)
+    lookback = [(t, a) for t, a in hours if start <= t <= last and a]
+    recent = sum((a for _, a in lookback), Decimal(0))
+    since = min((t for t, _ in lookback), default=None)
+    return projected_exhaustion(q.window, q.limit, used, recent, now, lambda: hours, since)
 
 
 async def subject_quotas(

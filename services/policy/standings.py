@@ -84,13 +84,16 @@ def subject_standing(
     reserved = view.holds.reserved(who, quota.metric, view.now)
     need = ZERO if ask is None else need_of(quota.metric, ask.resources, ask.seconds)
     short = used >= quota.limit or used + reserved + need > quota.limit
-    projected, recent = None, ZERO
+    projected, recent, since = None, ZERO, None
     recent_start = lookback_start(quota.window, view.now)
     if recent_start is not None:
-        recent = sum((b.sum_between(recent_start, view.now) for b in series), ZERO)
+        found = [b.recent(recent_start, view.now) for b in series]
+        recent = sum((r for r, _ in found), ZERO)
+        since = min((f for _, f in found if f is not None), default=None)
         projected = projected_exhaustion(
-            quota.window, quota.limit, used, recent, view.now, lambda: _merged(series, start)
-        )
+            quota.window, quota.limit, used, recent, view.now, lambda: _merged(series, start),
+            since,
+        )  # fmt: skip
     return Standing(
         quota=quota,
         used=used,
@@ -100,6 +103,7 @@ def subject_standing(
         need=need,
         projected=projected,
         recent=recent,
+        recent_since=since,
     )
 
 

@@ -76,14 +76,17 @@ class Buckets:
         self._memo = (start, used)
         return used
 
-    def sum_between(self, start: datetime, now: datetime) -> Decimal:
-        """Usage in the hour buckets from `start` to the one holding `now` (a few lookups:
-        the forecast's lookback, on every check), leaving the window sum's memo alone."""
-        total, hour, last = ZERO, start, floor_hour(now)
+    def recent(self, start: datetime, now: datetime) -> tuple[Decimal, datetime | None]:
+        """Usage in the hour buckets from `start` to the one holding `now`, and the first of
+        them holding any (a few lookups: the forecast's lookback, on every check)."""
+        total, first, hour, last = ZERO, None, start, floor_hour(now)
         while hour <= last:
-            total += self.slots.get(hour, ZERO)
+            amount = self.slots.get(hour, ZERO)
+            if amount and first is None:
+                first = hour
+            total += amount
             hour += HOUR
-        return total
+        return total, first
 
     def since(self, start: datetime | None) -> tuple[Decimal, list[tuple[datetime, Decimal]]]:
         """Usage from `start` (None: all of it) and the buckets that make it up."""

@@ -103,7 +103,9 @@ async def test_a_constant_rate_fleet_is_forecast_to_the_exact_instant_and_warned
 
     await wait_until(counted, 30, "the ledger to count the fleet's 5 MB")
     now = clock.now
-    lookback = (now - timedelta(hours=6)).replace(minute=0, second=0, microsecond=0)
+    # The rate is measured from the first hour bucket that holds usage: the one the first
+    # megabyte (the second reading) fell in.
+    lookback = (t0 - timedelta(seconds=20)).replace(minute=0, second=0, microsecond=0)
     expected = oracle_projection(now, lookback, used, used, 50 * MB)
     [status] = (await api.get(f"/v1/subjects/{ann}/quotas")).json()["quotas"]
     assert datetime.fromisoformat(status["projected_exhaustion_at"]) == expected

@@ -68,9 +68,13 @@ async def reference(conn: asyncpg.Connection, config_text: str, subject: str) ->
         used = sum(buckets.values(), Decimal(0))
         projected, start = None, lookback_start(q.window, NOW)
         if q.per != "workload" and start is not None:
-            recent = sum((a for t, a in buckets.items() if start <= t <= NOW), Decimal(0))
+            lookback = [(t, a) for t, a in buckets.items() if start <= t <= NOW and a]
+            recent = sum((a for _, a in lookback), Decimal(0))
+            first = min((t for t, _ in lookback), default=None)
             hours = sorted(buckets.items())
-            projected = projected_exhaustion(q.window, q.limit, used, recent, NOW, hours.copy)
+            projected = projected_exhaustion(
+                q.window, q.limit, used, recent, NOW, hours.copy, first
+            )
         out.append(status(q, used, sorted(buckets.items()), NOW, projected=projected))
     return out
 

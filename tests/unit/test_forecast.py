@@ -160,3 +160,12 @@ def test_effective_quotas_include_cost_budgets() -> None:
     )
     [q] = effective_quotas(config, "ann", [])
     assert q.metric == COST and q.show(q.limit) == "200.00 USD"
+
+
+def test_a_fleet_that_started_this_hour_is_measured_from_this_hour_not_six_back() -> None:
+    # 60 units between 10:00 and 10:30: 120 an hour, not 60 / 6.5 h.
+    events = [UsageEvent(1, "ann", "w1", "h1", "net.tx.wan.bytes", Decimal(60), NOW)]
+    [standing] = standings_for(_view(QUOTAS, events, NOW), "ann", [])
+    assert standing.recent_since == datetime(2026, 12, 2, 10, tzinfo=UTC)
+    # 940 left at 120 an hour: 7 h 50 min.
+    assert standing.projected == NOW + timedelta(hours=7, minutes=50)
