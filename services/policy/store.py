@@ -22,28 +22,32 @@ async def hourly_usage(
     subjects: Sequence[str],
     metric: str,
     since: datetime | None,
+    until: datetime,
 ) -> list[tuple[str, datetime, Decimal]]:
-    """(workload, hour, total) for the subjects and metric from `since` (None: all time)."""
+    """(workload, hour, total) for the subjects and metric in [since, until) (since None:
+    from the beginning)."""
     rows = await conn.fetch(
         """SELECT workload, hour, sum(total) AS total FROM usage_hourly
            WHERE subject = ANY($1::text[]) AND metric = $2
-             AND ($3::timestamptz IS NULL OR hour >= $3)
+             AND ($3::timestamptz IS NULL OR hour >= $3) AND hour < $4
            GROUP BY workload, hour""",
         list(subjects),
         metric,
         since,
+        until,
     )
     return [(r["workload"], r["hour"], r["total"]) for r in rows]
 
 
 @dataclass(frozen=True)
 class TotalSpec:
-    """One quota's question to the rollups: the total of `metric` over `subjects` since
-    `since` (None: all time), per workload when `per_workload`."""
+    """One quota's question to the rollups: the total of `metric` over `subjects` in
+    [since, until) (since None: from the beginning), per workload when `per_workload`."""
 
     subjects: Sequence[str]
     metric: str
     since: datetime | None
+    until: datetime
     per_workload: bool = False
 
 
@@ -61,11 +65,12 @@ async def usage_totals(
     rows = await conn.fetch(
         """SELECT q.i, CASE WHEN q.per_workload THEN h.workload ELSE '' END AS workload,
                   sum(h.total) AS total
-           FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::boolean[])
-                AS q(i, metric, since, per_workload)
+           FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::boolean[],
+                       $7::timestamptz[])
+                AS q(i, metric, since, per_workload, until)
            JOIN unnest($5::int[], $6::text[]) AS qs(i, subject) ON qs.i = q.i
            JOIN usage_hourly h ON h.subject = qs.subject AND h.metric = q.metric
-                AND (q.since IS NULL OR h.hour >= q.since)
+                AND (q.since IS NULL OR h.hour >= q.since) AND h.hour < q.until
            GROUP BY 1, 2""",
         list(range(len(specs))),
         [spec.metric for spec in specs],
@@ -73,6 +78,7 @@ async def usage_totals(
         [spec.per_workload for spec in specs],
         [i for i, _ in pairs],
         [s for _, s in pairs],
+        [spec.until for spec in specs],
     )
     totals: list[dict[str, Decimal]] = [{} for _ in specs]
     for r in rows:
