@@ -72,7 +72,8 @@ class Settings(BaseSettings):
             v = parse_duration(v)
         if isinstance(v, timedelta) and not timedelta(0) < v <= MAX_CLOCK_SKEW_LIMIT:
             raise ValueError(
-                f"{v} is not a clock skew tolerance: give one above zero and at most "
+                f"{v.total_seconds():g} seconds is not a clock-skew tolerance: give one above "
+                "zero and at most "
                 "3660 days (ten years), e.g. '5min'"
             )
         return v

@@ -110,6 +110,7 @@ class PolicyService:
             horizon_start=floor_hour(now - hours * HOUR),
             minute_metrics=minute_metrics(config),
             running=sorted(live.book.running),
+            max_skew=live.max_skew,
         )
         async with self.pool.acquire() as conn:
             usage = await store.load_snapshot(conn, spec)

@@ -135,6 +135,9 @@ class SnapshotSpec:
     horizon_start: datetime
     minute_metrics: frozenset[str]
     running: Sequence[str]
+    # The ledger places usage at most its clock-skew tolerance after the sample arrived,
+    # which is before its batch committed: events of the window committed no earlier.
+    max_skew: timedelta = timedelta(0)
 
 
 async def load_snapshot(conn: asyncpg.Connection, spec: SnapshotSpec) -> UsageState:
@@ -186,7 +189,7 @@ async def _minutes(
     low = await conn.fetchval(
         """SELECT last_seq FROM ledger_batches WHERE committed_at < $1
            ORDER BY batch_id DESC LIMIT 1""",
-        since - CLOCK_SLACK,
+        since - CLOCK_SLACK - spec.max_skew,
     )
     rows = await conn.fetch(
         """SELECT workload, metric, date_trunc('minute', window_end) AS minute,
