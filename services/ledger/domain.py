@@ -162,21 +162,24 @@ def _advance(
     value = reading.value
     arrived = reading.arrival
     at = reading.sampled_at if arrived is None else arrived.placed_at
-    if state is not None and at < state.last_sampled_at:
-        # A window never runs backwards (say a clock clamped forward, then corrected): the
-        # reading is placed where the last one was, unless that lies beyond this batch's
-        # window (only if JetStream's own clock stepped back): then at the window's edge.
-        last = state.last_sampled_at
-        at = last if arrived is None or last <= arrived.latest else arrived.latest
+    start = None
+    if state is not None:
+        start = state.last_sampled_at
+        if at < start:
+            # A window never runs backwards (say a clock clamped forward, then corrected):
+            # the reading is placed where the last one was, unless that lies beyond this
+            # batch's window (only if JetStream's own clock stepped back): then at its edge.
+            at = start if arrived is None or start <= arrived.latest else arrived.latest
+            start = at
     new_state = SeriesState(value, reading.seq, at, reading.final)
     if state is None:
-        delta, reset, start = value, False, None
+        delta, reset = value, False
     elif value >= state.high:
-        delta, reset, start = value - state.high, False, min(state.last_sampled_at, at)
+        delta, reset = value - state.high, False
     else:
         # The counter went backwards inside one epoch: it restarted from zero. What it
         # counted between the last reading and the restart is unknowable; from zero is exact.
-        delta, reset, start = value, True, min(state.last_sampled_at, at)
+        delta, reset = value, True
     if delta > 0 or reset:
         if arrived is None:
             usage = UsageDelta(
@@ -265,8 +268,13 @@ def _canonical(
     )  # fmt: skip
     if received_at is None:
         return text
-    skew = "-" if clock_skew is None else canonical_decimal(clock_skew)
-    return "\x1f".join((text, canonical_time(received_at), canonical_time(sampled_at), skew))
+    return text + _arrival_text(received_at, sampled_at, clock_skew)
+
+
+@functools.lru_cache(maxsize=8192)  # one per batch: every reading of it shares its arrival
+def _arrival_text(received_at: datetime, sampled_at: datetime | None, skew: Decimal | None) -> str:
+    text = "-" if skew is None else canonical_decimal(skew)
+    return f"\x1f{canonical_time(received_at)}\x1f{canonical_time(sampled_at)}\x1f{text}"
 
 
 def batch_hash(prev_hash: str, batch_id: int, events: Iterable[ChainedEvent]) -> str:
