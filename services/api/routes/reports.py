@@ -36,7 +36,13 @@ async def get_usage_report(
     from_: Annotated[
         str | None, Query(alias="from", description="ISO-8601 with zone; default: to - 30 days")
     ] = None,
-    to: Annotated[str | None, Query(description="ISO-8601 with zone; default: now")] = None,
+    to: Annotated[
+        str | None,
+        Query(
+            description="ISO-8601 with zone; default: now, up to the end of the hour that "
+            "holds now + TOLLGATE_MAX_CLOCK_SKEW (where quota windows end)"
+        ),
+    ] = None,
     group_by: Annotated[
         ReportGroupBy, Query(description="split each subject's totals further by this")
     ] = ReportGroupBy.SUBJECT,

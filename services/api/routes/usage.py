@@ -34,7 +34,13 @@ async def _usage_query(
     from_: Annotated[
         str | None, Query(alias="from", description="ISO-8601 with zone; default: to - 30 days")
     ] = None,
-    to: Annotated[str | None, Query(description="ISO-8601 with zone; default: now")] = None,
+    to: Annotated[
+        str | None,
+        Query(
+            description="ISO-8601 with zone; default: now, up to the end of the hour that "
+            "holds now + TOLLGATE_MAX_CLOCK_SKEW (where quota windows end)"
+        ),
+    ] = None,
     metric: Annotated[str | None, Query(description="only this metric")] = None,
     group_by: Annotated[GroupBy, Query(description="split totals by this")] = GroupBy.METRIC,
     tz: Annotated[str, Query(description="IANA time zone for group_by=day")] = "UTC",
