@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY
 
 from contracts.samples import samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest
+from contracts.usage import usage_subject
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
@@ -35,6 +36,7 @@ from services.api.web.data import gather
 from services.ledger.app import LedgerService
 from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 from services.ledger.feed import UsageFeed
+from services.ledger.replay import rebuild_rollups
 from services.policy.source import ConfigSource
 from services.policy.windows import floor_hour
 from tests.conftest import unique, wait_until
@@ -187,6 +189,27 @@ async def stack(
         yield s
 
 
+async def _feed_events(stack: Stack, subject: str, count: int) -> list[dict[str, Any]]:
+    """The usage feed's messages for `subject`, as an integrator reads them."""
+    got: list[dict[str, Any]] = []
+
+    async def on(msg: Any) -> None:
+        got.append(json.loads(msg.data))
+
+    sub = await stack.nc.jetstream().subscribe(
+        usage_subject(subject, stack.prefix), ordered_consumer=True, cb=on
+    )
+    try:
+
+        async def arrived() -> bool:
+            return len(got) >= count
+
+        await wait_until(arrived, 20, f"{count} usage feed events of {subject}")
+    finally:
+        await sub.unsubscribe()
+    return got
+
+
 def _time(text: str | None) -> datetime | None:
     return None if text is None else datetime.fromisoformat(text)
 
@@ -289,6 +312,19 @@ async def test_samples_from_2099_lock_no_one_out_for_decades_and_every_path_agre
     _assert_agree(seen, Decimal(6), allowed=False)
     retry = seen["spawn_nats"][2]
     assert retry is not None and retry < datetime.now(UTC) + timedelta(days=31)
+
+    # The usage feed carries the flag; auditors' recomputations still hold.
+    feed = await _feed_events(stack, dave, 2)
+    assert [Decimal(f["clock_skew_seconds"]) for f in feed] == [
+        e["clock_skew_seconds"] for e in events
+    ]
+    assert [f["window_end"] for f in feed] == [
+        e["window_end"].isoformat().replace("+00:00", "Z") for e in events
+    ]
+    verdict = (await stack.api.get("/v1/audit/verify", headers=AS_ADMIN)).json()
+    assert verdict["ok"] is True, verdict
+    async with stack.pool.acquire() as conn:
+        assert (await rebuild_rollups(conn, apply=False)).identical
 
 
 async def test_a_clock_just_past_the_tolerance_is_clamped_and_one_just_inside_is_trusted(
