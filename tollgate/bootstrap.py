@@ -73,6 +73,7 @@ async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
             fetch_timeout=settings.ledger_fetch_timeout,
             max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
             partition=settings.partition if settings.partitions > 1 else None,
+            max_clock_skew=settings.max_clock_skew,
         )  # fmt: skip
         feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
         log.info("ledger consuming %s samples as consumer %s", settings.prefix, service.consumer)
@@ -94,6 +95,7 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
     service = PolicyService(
         nc, pool, config, settings.prefix,
         partition=settings.partition, partitions=settings.partitions,
+        max_clock_skew=settings.max_clock_skew,
     )  # fmt: skip
     responder = SpawnCheckResponder(nc, settings.prefix, service.checker, service.owns)
 

@@ -71,6 +71,8 @@ def create_app(
         token_secret=secret, admin_token=settings.resolved_admin_token(), hub=hub
     )
     app.state.options = options
+    # Where every read of usage ends depends on how far the ledger lets clocks stray.
+    app.state.max_skew = settings.max_clock_skew
     app.state.limiter = RateLimiter(options.api_rate_per_second, options.api_rate_burst)
     errors.install(app)
     app.add_middleware(RequestMetrics)

@@ -14,6 +14,7 @@ from fastapi import HTTPException
 from pydantic import TypeAdapter, ValidationError
 
 from contracts._base import MetricName
+from services.policy.windows import reads_until
 
 DEFAULT_RANGE = timedelta(days=30)
 MAX_RANGE = timedelta(days=400)
@@ -62,8 +63,13 @@ def ceil_hour(t: datetime) -> datetime:
     return floor if floor == t else floor + HOUR
 
 
-def hour_range(from_: str | None, to: str | None, now: datetime) -> HourRange:
-    """`from`/`to` as given (default: the 30 days up to now), checked and widened to hours."""
+def hour_range(from_: str | None, to: str | None, now: datetime, max_skew: timedelta) -> HourRange:
+    """`from`/`to` as given, checked and widened to hours.
+
+    By default the 30 days up to now, ending where quota windows end (`reads_until`): with
+    the hour ahead when the ledger may already have placed usage in it, so the default
+    range and the quotas count the same usage.
+    """
     end = parse_time("to", to) if to is not None else now
     start = parse_time("from", from_) if from_ is not None else end - DEFAULT_RANGE
     if start >= end:
@@ -73,7 +79,8 @@ def hour_range(from_: str | None, to: str | None, now: datetime) -> HourRange:
             f"the range is {(end - start).days} days; ask for at most {MAX_RANGE.days} days "
             "per request; split longer periods into several requests"
         )
-    return HourRange(floor_hour(start), ceil_hour(end))
+    last = ceil_hour(end) if to is not None else reads_until(now, max_skew)
+    return HourRange(floor_hour(start), last)
 
 
 def check_metric(metric: str | None) -> str | None:

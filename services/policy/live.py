@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
+
 from . import metrics
 from .config import PolicyConfig
 from .engine import Mark, MarkKey
@@ -73,6 +75,7 @@ class LiveState:
 
     config: ConfigSource
     clock: Clock = utc_now
+    max_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW
     usage: UsageState | None = None  # None until the first snapshot has loaded
     book: WorkloadBook = field(default_factory=WorkloadBook)
     holds: ReservationBook = field(default_factory=ReservationBook)
@@ -92,8 +95,9 @@ class LiveState:
         """What one decision reads: one config version, the state, one instant."""
         assert self.usage is not None, "usage state not loaded yet"
         return View(
-            config or self.config.current(), self.usage, self.book, self.holds, now or self.clock()
-        )
+            config or self.config.current(), self.usage, self.book, self.holds,
+            now or self.clock(), self.max_skew,
+        )  # fmt: skip
 
     def staleness(self, now: datetime) -> timedelta | None:
         """How long since the state was last known to hold everything the ledger had."""

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
 
 from contracts.spawn import QuotaStatus
+from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 
 from . import store
 from .config import PolicyConfig
 from .domain import EffectiveQuota, effective_quotas, status, window_start
+from .windows import reads_until
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,11 @@ async def _buckets(
     quota: EffectiveQuota,
     subjects: Sequence[str],
     workload: str | None,
-    now: datetime,
+    spec: store.TotalSpec,
 ) -> list[tuple[datetime, Decimal]]:
     """Hourly usage in the window (of one workload, for per-workload quotas): what
     `retry_at` of a rolling window needs, and only when the quota is exceeded."""
-    rows = await store.hourly_usage(conn, subjects, quota.metric, window_start(quota.window, now))
+    rows = await store.hourly_usage(conn, subjects, quota.metric, spec.since, spec.until)
     buckets: dict[datetime, Decimal] = defaultdict(Decimal)
     for w, hour, total in rows:
         if workload is None or w == workload:
@@ -65,11 +67,15 @@ async def subject_quotas(
     subject: str,
     groups: Sequence[str] = (),
     now: datetime | None = None,
+    max_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
 ) -> SubjectQuotas:
     """Evaluate every quota that applies to `subject`: config groups plus `groups`, or when
     none are given, the groups integrators last reported for the subject (as the policy does).
+
+    Windows end where the policy's do (`reads_until`), so both give the same numbers.
     """
     now = now or datetime.now(UTC)
+    until = reads_until(now, max_skew)
     statuses = []
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         reported = tuple(groups) or await store.reported_groups(conn, subject)
@@ -81,6 +87,7 @@ async def subject_quotas(
                 _subjects(config, q, subject, resolved),
                 q.metric,
                 window_start(q.window, now),
+                until,
                 per_workload=q.per == "workload",
             )
             for q in quotas
@@ -93,6 +100,6 @@ async def subject_quotas(
             buckets: list[tuple[datetime, Decimal]] = []
             if used >= q.limit and q.window.rolling is not None:
                 buckets = await _buckets(conn, q, spec.subjects, workload if spec.per_workload
-                                         else None, now)  # fmt: skip
+                                         else None, spec)  # fmt: skip
             statuses.append(status(q, used, buckets, now))
     return SubjectQuotas(subject, resolved, quotas, statuses, as_of_seq, as_of)

@@ -11,6 +11,8 @@ from datetime import timedelta
 import asyncpg
 from nats.aio.client import Client
 
+from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
+
 from . import records, roster, store
 from .config import PolicyConfig
 from .enforcer import Enforcer
@@ -48,6 +50,7 @@ class PolicyService:
         sweep_every: float = 10.0,
         partition: int = 0,
         partitions: int = 1,
+        max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
     ) -> None:
         self.pool = pool
         # Partitioned, this instance decides only for its own subjects, but follows the
@@ -55,7 +58,7 @@ class PolicyService:
         # each with durables of its own.
         self.owns = Ownership(partition, partitions)
         suffix = f"-p{partition}" if partitions > 1 else ""
-        self.live = LiveState(config, clock)
+        self.live = LiveState(config, clock, max_skew=max_clock_skew)
         self.journal = DecisionJournal(pool, self.live.stats)
         self.checker = SpawnChecker(self.live, self.journal)
         self.usage = UsageFollower(nc, pool, self.live, prefix, durable=f"policy{suffix}")
@@ -107,6 +110,7 @@ class PolicyService:
             horizon_start=floor_hour(now - hours * HOUR),
             minute_metrics=minute_metrics(config),
             running=sorted(live.book.running),
+            max_skew=live.max_skew,
         )
         async with self.pool.acquire() as conn:
             usage = await store.load_snapshot(conn, spec)

@@ -49,7 +49,7 @@ class Buckets:
     def __init__(self) -> None:
         self.slots: dict[datetime, Decimal] = {}
         self.base = ZERO
-        self._memo: tuple[datetime | None, Decimal] | None = None
+        self._memo: tuple[tuple[datetime | None, datetime], Decimal] | None = None
 
     def add(self, slot: datetime, amount: Decimal) -> None:
         self.slots[slot] = self.slots.get(slot, ZERO) + amount
@@ -63,22 +63,26 @@ class Buckets:
     def total(self) -> Decimal:
         return self.base + sum(self.slots.values(), ZERO)
 
-    def used_since(self, start: datetime | None) -> Decimal:
-        """Usage from `start` (None: all of it), without sorting or copying buckets."""
-        if self._memo is not None and self._memo[0] == start:
+    def used_between(self, start: datetime | None, until: datetime) -> Decimal:
+        """Usage in [start, until) (start None: from the beginning), without sorting or
+        copying buckets."""
+        if self._memo is not None and self._memo[0] == (start, until):
             return self._memo[1]
         if start is None:
-            used = self.total()
+            used = self.base + sum((a for t, a in self.slots.items() if t < until), ZERO)
         else:
-            used = sum((a for t, a in self.slots.items() if t >= start), ZERO)
-        self._memo = (start, used)
+            used = sum((a for t, a in self.slots.items() if start <= t < until), ZERO)
+        self._memo = ((start, until), used)
         return used
 
-    def since(self, start: datetime | None) -> tuple[Decimal, list[tuple[datetime, Decimal]]]:
-        """Usage from `start` (None: all of it) and the buckets that make it up."""
+    def between(
+        self, start: datetime | None, until: datetime
+    ) -> tuple[Decimal, list[tuple[datetime, Decimal]]]:
+        """Usage in [start, until) (start None: from the beginning) and its buckets."""
         if start is None:
-            return self.total(), sorted(self.slots.items())
-        items = sorted((t, a) for t, a in self.slots.items() if t >= start)
+            items = sorted((t, a) for t, a in self.slots.items() if t < until)
+            return self.base + sum((a for _, a in items), ZERO), items
+        items = sorted((t, a) for t, a in self.slots.items() if start <= t < until)
         return sum((a for _, a in items), ZERO), items
 
     def fold_before(self, cutoff: datetime) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -35,7 +35,7 @@ async def _config(conn: asyncpg.Connection, path: Path | None) -> tuple[PolicyCo
 
 
 async def gather(
-    database_url: str, subject: str, path: Path | None
+    database_url: str, subject: str, path: Path | None, max_skew: timedelta
 ) -> tuple[SubjectQuotas, str, list[asyncpg.Record]]:
     conn = await asyncpg.connect(database_url, server_settings={"timezone": "UTC"})
     try:
@@ -47,7 +47,7 @@ async def gather(
         await conn.close()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
-        found = await subject_quotas(pool, config, subject)
+        found = await subject_quotas(pool, config, subject, max_skew=max_skew)
     finally:
         await pool.close()
     return found, where, list(blocks)
@@ -93,7 +93,9 @@ def quota(
     settings = Settings()
     _, database_url = settings.require_servers()
     try:
-        found, where, blocks = asyncio.run(gather(database_url, subject, config or settings.config))
+        found, where, blocks = asyncio.run(
+            gather(database_url, subject, config or settings.config, settings.max_clock_skew)
+        )
     except ConfigError as exc:
         typer.echo(f"tollgate quota: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Query
 from fastapi.responses import Response
 
 from ..auth import AdminUser
-from ..deps import ClockDep, PoolDep
+from ..deps import ClockDep, MaxSkewDep, PoolDep
 from ..humanize import unit_of
 from ..models import MetricTotal, ReportFormat, ReportGroupBy, ReportRow, UsageReportPublic
 from ..ranges import bad, check_metric, hour_range
@@ -32,10 +32,17 @@ async def get_usage_report(
     _: AdminUser,
     pool: PoolDep,
     clock: ClockDep,
+    max_skew: MaxSkewDep,
     from_: Annotated[
         str | None, Query(alias="from", description="ISO-8601 with zone; default: to - 30 days")
     ] = None,
-    to: Annotated[str | None, Query(description="ISO-8601 with zone; default: now")] = None,
+    to: Annotated[
+        str | None,
+        Query(
+            description="ISO-8601 with zone; default: now, up to the end of the hour that "
+            "holds now + TOLLGATE_MAX_CLOCK_SKEW (where quota windows end)"
+        ),
+    ] = None,
     group_by: Annotated[
         ReportGroupBy, Query(description="split each subject's totals further by this")
     ] = ReportGroupBy.SUBJECT,
@@ -45,7 +52,7 @@ async def get_usage_report(
     ),
 ) -> UsageReportPublic | Response:
     """Usage totals per subject and metric over a range (whole UTC hours), with totals."""
-    span = hour_range(from_, to, clock())
+    span = hour_range(from_, to, clock(), max_skew)
     metric = check_metric(metric)
     found = await usage_report(pool, span.start, span.end, metric, group_by, MAX_ROWS)
     if found.truncated:

@@ -12,6 +12,7 @@ from decimal import Decimal
 import asyncpg
 
 from services.policy.config import PolicyConfig
+from services.policy.windows import reads_until
 
 from ..humanize import display_unit, title_of
 from ..models import GroupBy
@@ -25,6 +26,7 @@ from .subject import ChartView, EventView, QuotaView, SubjectPage, WorkloadView
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
 EVENTS_SINCE = timedelta(days=30)
+MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,14 @@ async def gather(
     subject: str,
     range_key: str,
     now: datetime,
+    max_skew: timedelta,
 ) -> SubjectPage:
     """Everything the page of `subject` shows, as `viewer` may see it."""
-    found = await quotas_of(pool, config, subject, viewer, now)
+    found = await quotas_of(pool, config, subject, viewer, now, max_skew)
     span = SPANS[range_key]
-    starts = span.buckets(now)
+    # The last bar holds the latest instant the ledger may have placed usage at, so the
+    # chart ends where the quotas' windows do (`reads_until`) and drops nothing they count.
+    starts = span.buckets(reads_until(now, max_skew) - MICROSECOND)
     usage = await usage_totals(
         pool, subject, starts[0], starts[-1] + span.step, None, GroupBy.HOUR, "UTC"
     )
