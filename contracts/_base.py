@@ -130,7 +130,7 @@ _GOOD_METRICS: set[str] = set()
 _REMEMBER = 100_000
 
 
-def _name_error(value: str) -> str | None:
+def name_problem(value: str) -> str | None:
     """Why `value` cannot be a name (subject, workload, host, group), or None."""
     if not value or len(value) > MAX_NAME:
         return f"must be 1 to {MAX_NAME} characters (got {len(value)})"
@@ -146,7 +146,7 @@ def _name_error(value: str) -> str | None:
 def _check_name(value: str) -> str:
     if value in _GOOD_NAMES:
         return value
-    problem = _name_error(value)
+    problem = name_problem(value)
     if problem is not None:
         # A type of its own, so the edges can tell a bad name (`invalid_name`) from the rest.
         raise PydanticCustomError("invalid_name", problem)
