@@ -6,6 +6,8 @@ could not be a subject is refused before any query runs.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 
@@ -76,3 +78,28 @@ async def test_a_dotted_traversal_name_is_only_a_name_and_finds_nothing(
 
     assert r.status_code == 200, r.text
     assert (r.json()["subject"], r.json()["rows"]) == ("../", [])
+
+
+async def test_a_huge_body_is_refused_with_413_before_it_is_read_whole(
+    shared_client: httpx.AsyncClient,  # noqa: F811
+    admin_token: str,  # noqa: F811
+) -> None:
+    huge = b'{"subject": "a", "groups": ["' + b"g" * (2 << 20) + b'"]}'
+
+    declared = await shared_client.post(
+        "/v1/spawn-checks", content=huge, headers={"Content-Type": "application/json"}
+    )
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(huge), 65536):
+            yield huge[i : i + 65536]
+
+    streamed = await shared_client.post(
+        "/v1/spawn-checks",
+        content=chunks(),
+        headers={**bearer(admin_token), "Content-Type": "application/json"},
+    )
+
+    for r in (declared, streamed):
+        assert r.status_code == 413, r.text
+        assert "over the 1 MiB limit" in r.json()["detail"]
