@@ -144,6 +144,7 @@ class WorkloadFollower:
     async def handle(self, msg: Msg) -> None:
         try:
             event = parse_lifecycle(msg.subject, msg.data)
+            self._check_owner(msg.subject, event)
         except DeadLetter as dead:
             log.error(
                 "workload event %s on %s is a dead letter %s: %s",
@@ -162,6 +163,19 @@ class WorkloadFollower:
             )
         self.evolve(event)
         await msg.ack()
+
+    def _check_owner(self, subject: str, event: WorkloadStarted | WorkloadStopped) -> None:
+        """Only the host a workload runs on may stop it (its `host` field is optional)."""
+        if not isinstance(event, WorkloadStopped):
+            return
+        known = self.live.book.running.get(event.workload)
+        host = host_of_subject(subject)
+        if known is not None and known.host != host:
+            raise DeadLetter(
+                DeadLetterReason.HOST_MISMATCH,
+                f"host {host!r} reported workload {event.workload!r} stopped, but it runs on "
+                f"{known.host!r}; a host may only report its own workloads",
+            )
 
     def evolve(self, event: WorkloadStarted | WorkloadStopped) -> None:
         book = self.live.book

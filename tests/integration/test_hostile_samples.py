@@ -296,4 +296,22 @@ async def test_hostile_workload_events_are_dead_lettered_and_the_policy_keeps_fo
     got = {what: dead[s].headers[REASON_HEADER] for s, (_, what) in expect.items()}
     assert got == {what: reason for _, (reason, what) in expect.items()}
     assert all(alice == w.subject for w in book.running.values() if w.workload == good)
+
+    # Another host may not stop it (the host in the subject is the authority, as for samples).
+    stop = {"schema": "tollgate.workload_stopped.v1", "workload": good,
+            "stopped_at": "2026-11-22T11:00:00Z"}  # fmt: skip
+    forged = await js.publish(workloads_subject(unique("other"), prefix), json.dumps(stop).encode())
+
+    async def refused() -> bool:
+        return forged.seq in dead
+
+    await wait_until(refused, 30, "the stop from another host to be dead-lettered")
+    assert dead[forged.seq].headers[REASON_HEADER] == "host_mismatch"
+    assert good in book.running
+    await js.publish(workloads_subject(host, prefix), json.dumps(stop).encode())
+
+    async def stopped() -> bool:
+        return good not in book.running
+
+    await wait_until(stopped, 30, "its own host's stop to be followed")
     await dlq_sub.unsubscribe()
