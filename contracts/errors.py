@@ -14,7 +14,7 @@ ERROR_SCHEMA: Final = "tollgate.error.v1"
 INVALID_REQUEST: Final = "invalid_request"
 INTERNAL_ERROR: Final = "internal_error"
 ErrorCode = Literal["invalid_request", "internal_error"]
-_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
 
 
 class FieldError(Contract):

@@ -113,6 +113,9 @@ async def test_hostile_names_in_samples_are_stored_safely_or_dead_lettered_and_n
             batch(counter(unique("s"), metric=f"log.{name}.bytes")), f"metric {case}",
             "invalid_payload",
         )  # fmt: skip
+    # A bad label value under a key no encoder can carry: the detail names the key safely.
+    both = counter(unique("s"), labels={"\ud800\n": "v\x00"})
+    await send(batch(both), "bad key and value", "invalid_payload")
     # A host name that cannot be one (in the payload, on its own subject token).
     bad_host = "h\x00st"
     await send(

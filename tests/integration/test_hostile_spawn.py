@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from contracts.errors import ERROR_SCHEMA, ErrorReply
 from contracts.spawn import SpawnDecision, spawn_check_subject
@@ -131,3 +132,27 @@ async def test_a_bad_spawn_check_over_http_is_a_422_naming_the_field(
     detail = r.json()["detail"]
     if field is not None:
         assert detail.startswith(f"{field}:"), detail
+
+
+async def test_a_policy_that_fails_is_a_502_over_http_and_a_refusal_a_422(
+    nc: Client, pool: asyncpg.Pool, prefix: str, tmp_path: Path
+) -> None:
+    replies = [
+        ErrorReply(error="internal_error", message="the policy could not decide").to_json(),
+        ErrorReply(error="invalid_request", message="groups.0: bad", field="groups.0").to_json(),
+    ]
+
+    async def fake_policy(msg: Msg) -> None:
+        await msg.respond(replies.pop(0))
+
+    sub = await nc.subscribe(spawn_check_subject(prefix), cb=fake_policy)
+    try:
+        async with client_for(tmp_path, pool, nc, prefix) as c:
+            failed = await c.post("/v1/spawn-checks", json={"subject": "x"}, headers=AS_ADMIN)
+            refused = await c.post("/v1/spawn-checks", json={"subject": "x"}, headers=AS_ADMIN)
+    finally:
+        await sub.unsubscribe()
+
+    assert failed.status_code == 502, failed.text
+    assert "the policy could not decide" in failed.json()["detail"]
+    assert refused.status_code == 422 and refused.json()["detail"] == "groups.0: bad"
