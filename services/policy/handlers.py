@@ -37,10 +37,6 @@ class BadRequest(ValueError):
         super().__init__(message)
         self.errors = errors or []
 
-    @property
-    def field(self) -> str | None:
-        return self.errors[0].field if self.errors else None
-
 
 def parse_request(body: bytes) -> SpawnRequest:
     """Validate a spawn request body, with a message that names the bad field."""
