@@ -19,11 +19,17 @@ class SpawnRequest(Contract):
 
     schema_: Literal["tollgate.spawn_request.v1"] = Field(default=REQUEST_SCHEMA, alias="schema")
     subject: Name
-    groups: list[str] = Field(default_factory=list, max_length=100)
+    groups: list[Name] = Field(default_factory=list, max_length=100)
     workload: Name | None = None
     host: Name | None = None
     resources: Resources = Field(default_factory=Resources)
-    expected_seconds: Decimal = Field(default=Decimal(3600), ge=0, le=10**9)
+    expected_seconds: Decimal = Field(
+        default=Decimal(3600),
+        ge=0,
+        le=10**9,
+        decimal_places=6,
+        description="how long the workload will run; 0 reserves nothing for it",
+    )
 
 
 class QuotaStatus(Contract):

@@ -27,6 +27,7 @@ from contracts.commands import (
     unblock_subject,
 )
 from contracts.dlq import DeadLetterReason, dlq_stream, dlq_wildcard
+from contracts.errors import ErrorReply
 from contracts.quota_events import QuotaExceeded, QuotaWarning, events_stream, quota_events_subject
 from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
@@ -94,7 +95,9 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "spawn-check",
         SpawnRequest,
         "Request/reply: send a `tollgate.spawn_request.v1`, the reply is a "
-        "`tollgate.spawn_decision.v1` (schema SpawnDecision). Same as POST /v1/spawn-checks.",
+        "`tollgate.spawn_decision.v1` (schema SpawnDecision), or a `tollgate.error.v1` "
+        "(schema ErrorReply) naming the bad field when the request cannot be decided. "
+        "Same as POST /v1/spawn-checks.",
     )
     sends(
         _param(usage_subject, "subject", prefix),
@@ -203,14 +206,25 @@ def _add_spawn_reply(doc: dict[str, Any]) -> None:
         "title": "spawn-check:Reply",
         "payload": {"$ref": _add_schema(doc, SpawnDecision)},
     }
+    doc["components"]["messages"]["spawn-check:Error"] = {
+        "title": "spawn-check:Error",
+        "summary": "The request could not be decided: `field` names what to fix.",
+        "payload": {"$ref": _add_schema(doc, ErrorReply)},
+    }
     doc["channels"]["spawn-check-reply"] = {
         "address": None,
         "description": "The requester's inbox (the NATS reply subject).",
-        "messages": {"Reply": {"$ref": "#/components/messages/spawn-check:Reply"}},
+        "messages": {
+            "Reply": {"$ref": "#/components/messages/spawn-check:Reply"},
+            "Error": {"$ref": "#/components/messages/spawn-check:Error"},
+        },
     }
     doc["operations"]["spawn-check"]["reply"] = {
         "channel": {"$ref": "#/channels/spawn-check-reply"},
-        "messages": [{"$ref": "#/channels/spawn-check-reply/messages/Reply"}],
+        "messages": [
+            {"$ref": "#/channels/spawn-check-reply/messages/Reply"},
+            {"$ref": "#/channels/spawn-check-reply/messages/Error"},
+        ],
     }
 
 

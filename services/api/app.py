@@ -22,6 +22,7 @@ from . import errors
 from .deps import ApiDeps, AuthKeys
 from .errors import ApiStartupError
 from .hub import HubAuthenticator
+from .limits import BodyLimit
 from .metrics import RequestMetrics
 from .options import ApiOptions, options_from_environment
 from .ratelimit import RateLimiter
@@ -75,6 +76,7 @@ def create_app(
     app.state.max_skew = settings.max_clock_skew
     app.state.limiter = RateLimiter(options.api_rate_per_second, options.api_rate_burst)
     errors.install(app)
+    app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)
     for module in (health, metrics, web, usage, quotas, workloads, spawn, reports, audit):
         app.include_router(module.router)

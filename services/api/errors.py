@@ -7,8 +7,12 @@ from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from contracts.errors import printable
 
 log = logging.getLogger("tollgate.api")
 
@@ -46,6 +50,36 @@ def _msg(err: Any) -> str:
     return str(err.get("msg", "invalid")).removeprefix("Value error, ")
 
 
+# What FastAPI answers a body it could not read as JSON for a reason other than syntax.
+_UNPARSED = "There was an error parsing the body"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _UNPARSED:
+        # A body that is not UTF-8 or is nested beyond the parser's depth: bad JSON, like
+        # any other, and a 422 that says so (FastAPI's own 400 names no cause).
+        cause = exc.__cause__
+        why = (
+            "nested too deeply"
+            if isinstance(cause, RecursionError)
+            else "not UTF-8 text"
+            if isinstance(cause, UnicodeDecodeError)
+            else "unreadable"
+        )
+        return JSONResponse(
+            {"detail": f"body: not valid JSON ({why}); send a JSON object"}, status_code=422
+        )
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        # No route matched (a path with a newline matches none): say so, not just "Not Found".
+        path = printable(request.url.path, 120)
+        return JSONResponse(
+            {"detail": f"no endpoint {request.method} {path}; the API's paths are at /docs"},
+            status_code=404,
+        )
+    return await http_exception_handler(request, exc)
+
+
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("%s %s: storage unavailable: %r", request.method, request.url.path, exc)
     return JSONResponse(
@@ -58,5 +92,6 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     for exc_type in UNAVAILABLE:
         app.add_exception_handler(exc_type, _unavailable)

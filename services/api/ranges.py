@@ -13,13 +13,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from fastapi import HTTPException
 from pydantic import TypeAdapter, ValidationError
 
-from contracts._base import MetricName
+from contracts._base import MetricName, Name
 from services.policy.windows import reads_until
 
 DEFAULT_RANGE = timedelta(days=30)
 MAX_RANGE = timedelta(days=400)
 HOUR = timedelta(hours=1)
 _METRIC: TypeAdapter[str] = TypeAdapter(MetricName)
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+MAX_TZ = 64  # the longest IANA name is 32 characters
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,21 @@ def check_metric(metric: str | None) -> str | None:
 
 def check_tz(tz: str) -> str:
     try:
+        if len(tz) > MAX_TZ or "\x00" in tz:
+            raise ValueError(tz)
         ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise bad(f"tz: {tz!r} is not a time zone; use an IANA name like 'Europe/Berlin'") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        shown = tz if len(tz) <= MAX_TZ else tz[:MAX_TZ] + "…"
+        raise bad(
+            f"tz: {shown!r} is not a time zone; use an IANA name like 'Europe/Berlin'"
+        ) from None
     return tz
+
+
+def check_name(param: str, value: str) -> str:
+    """A subject or workload name from a path or query; 422 naming `param` otherwise."""
+    try:
+        return _NAME.validate_python(value)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise bad(f"{param}: {reason}") from None

@@ -15,16 +15,11 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from contracts.dlq import (
-    DETAIL_HEADER,
-    REASON_HEADER,
-    STREAM_SEQ_HEADER,
-    SUBJECT_HEADER,
-    dlq_subject,
-)
+from contracts.errors import printable
 from contracts.partitions import partition_samples_filter
 from contracts.samples import samples_stream, samples_wildcard
 from tollgate.bus import durable_pull, fetch_ready
+from tollgate.deadletters import file_dead_letter
 
 from . import metrics, store
 from .domain import DEFAULT_MAX_CLOCK_SKEW, Arrival, Reading, arrival, readings
@@ -143,7 +138,8 @@ class LedgerService:
         skewed: list[tuple[str, str, Arrival]] = []
         for msg in msgs:
             try:
-                batch = parse_sample_message(msg.subject, msg.data, self.max_payload)
+                msg_id = msg.headers.get("Nats-Msg-Id") if msg.headers else None
+                batch = parse_sample_message(msg.subject, msg.data, self.max_payload, msg_id)
             except DeadLetter as dead:
                 await self._dead_letter(msg, dead)
                 continue
@@ -251,25 +247,16 @@ class LedgerService:
             backoff = min(backoff * 2, 5.0)
 
     async def _dead_letter(self, msg: Msg, dead: DeadLetter) -> None:
-        stream_seq = msg.metadata.sequence.stream
-        headers = {
-            REASON_HEADER: dead.reason.value,
-            DETAIL_HEADER: dead.detail[:1000],
-            SUBJECT_HEADER: msg.subject,
-            STREAM_SEQ_HEADER: str(stream_seq),
-            # Redelivery after a crash must not file the same dead letter twice.
-            "Nats-Msg-Id": f"dlq:{self.consumer}:{stream_seq}",
-        }
-        body = msg.data if len(msg.data) <= 900_000 else msg.data[:900_000]
-        await self.js.publish(dlq_subject(dead.reason, self.prefix), body, headers=headers)
-        await msg.term()
+        await file_dead_letter(
+            self.js, msg, dead.reason, dead.detail, prefix=self.prefix, consumer=self.consumer
+        )
         metrics.DEAD_LETTERS.labels(dead.reason.value).inc()
         log.warning(
             "dead letter %s (stream seq %d on %s): %s",
             dead.reason.value,
-            stream_seq,
+            msg.metadata.sequence.stream,
             msg.subject,
-            dead.detail,
+            printable(dead.detail, 1000),
         )
 
 

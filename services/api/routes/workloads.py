@@ -19,7 +19,7 @@ from ..auth import READ_ANY_SUBJECT, CurrentUser
 from ..deps import PoolDep
 from ..humanize import unit_of
 from ..models import MetricTotal, ResourcesPublic, TerminationPublic, WorkloadPublic
-from ..ranges import HOUR
+from ..ranges import HOUR, check_name
 from ..records import WorkloadFacts, workload_facts
 
 router = APIRouter(tags=["workloads"])
@@ -41,6 +41,9 @@ async def get_workload(
     ] = None,
 ) -> WorkloadPublic:
     """Subject, host, state, times, termination reason and usage per metric of a workload."""
+    workload = check_name("workload", workload)
+    if subject is not None:
+        subject = check_name("subject", subject)
     if principal.role not in READ_ANY_SUBJECT:
         if subject not in (None, principal.subject):
             raise HTTPException(404, WORKLOAD_NOT_FOUND)
