@@ -17,7 +17,8 @@ from decimal import Decimal
 
 from .config import Reissue
 from .domain import Standing, retry_at
-from .reissue import Attempt, attempt_id, ignored, next_at
+from .reissue import Attempt, attempt_id
+from .reissue import due as next_due
 from .workloads import Workload
 
 EXCEEDED = "exceeded"
@@ -188,10 +189,10 @@ def decide(
                         plan.actions.append(Terminate(cid, w, s))
                     continue
                 until = (usage_until or {}).get(w.workload)
-                if not ignored(reissue, last, until):
+                due = next_due(reissue, last, w.started_at, until)
+                if due is None:
                     continue
                 plan.ignoring.append(last)
-                due = next_at(reissue, last)
                 if now < due:
                     plan.due = due if plan.due is None else min(plan.due, due)
                     continue

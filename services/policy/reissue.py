@@ -10,6 +10,8 @@ signalling a job past its time limit. The rule (also in the README):
   and a spool of samples taken before the command, never count), and at least
   `backoff(n)` has passed since attempt n;
 - backoff(n) = min(after * 2**(n-1), max): 30 s, 60 s, 120 s, 240 s, 300 s, 300 s ... by default;
+- a workload that (re)started after attempt n (a `workload_started` after its stop, or usage
+  sampled after its stop: resumed) is a new run: its first usage brings attempt n+1 at once;
 - attempt n's command id is the crossing's id with `-n` appended (attempt 1 keeps the
   crossing's id), so each attempt passes JetStream's duplicate window and a policy that
   restarts mid-attempt re-decides the same id, which the outbox and JetStream drop.
@@ -67,3 +69,13 @@ def next_at(policy: Reissue, last: Attempt) -> datetime:
 def schedule(policy: Reissue, attempts: int = 6) -> list[float]:
     """The delays in seconds between successive attempts (for docs and the log)."""
     return [backoff(policy, n).total_seconds() for n in range(1, attempts + 1)]
+
+
+def due(
+    policy: Reissue, last: Attempt, started_at: datetime, usage_until: datetime | None
+) -> datetime | None:
+    """When attempt `last.number + 1` is due for a workload (None: it obeyed, so far)."""
+    if started_at > last.decided_at:  # started again since: nothing of it was commanded yet
+        ran = usage_until is not None and usage_until >= started_at
+        return started_at if ran else None
+    return next_at(policy, last) if ignored(policy, last, usage_until) else None
