@@ -235,3 +235,29 @@ async def test_a_workload_known_only_from_its_usage_is_recorded_when_terminated(
     body = (await api.get(f"/v1/workloads/{nb}", headers=as_user(erin))).json()
     assert "no workload_started" in body["state_detail"]
     assert (body["host"], body["terminate_commands"]) == (host, 1)
+
+
+async def test_a_restarted_policy_goes_on_with_the_next_attempt_not_the_first(
+    nc: Client, prefix: str, pool: asyncpg.Pool, ledger, policy_for, inbox: Inbox
+) -> None:
+    frank, node, nb = unique("frank"), Fleet(nc, prefix, unique("node")), unique("nb-")
+    policy = await policy_for(config())
+    now = datetime.now(UTC)
+    await node.started(frank, nb, now - timedelta(hours=1))
+    await node.sample(now - timedelta(minutes=30), (frank, nb, MEM, 11 * GIB_HOUR))
+    with Defiant(node, frank, nb, 11):
+        await wait_until(lambda: _count(inbox, nb, 2), 60, "the first repeat")
+        await policy.halt()
+        await policy_for(config(), path=policy.config_path)
+        await wait_until(lambda: _count(inbox, nb, 3), 60, "the next repeat after the restart")
+    crossing = inbox.terminations(nb)[0]["command_id"]
+    ids = [c["command_id"] for c in inbox.terminations(nb)]
+    assert ids[:3] == [crossing, f"{crossing}-2", f"{crossing}-3"]
+    assert len(ids) == len(set(ids))
+    stored = await pool.fetch(
+        "SELECT decision_id FROM policy_decisions WHERE kind = 'terminate' AND workload = $1",
+        nb,
+    )
+    # One decision per attempt, numbered without a gap or a repeat across the restart.
+    expected = [crossing] + [f"{crossing}-{n}" for n in range(2, len(stored) + 1)]
+    assert sorted(r["decision_id"] for r in stored) == sorted(expected)
