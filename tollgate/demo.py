@@ -23,6 +23,7 @@ from nats.aio.msg import Msg
 from contracts.commands import TerminateWorkload, terminate_subject
 from contracts.samples import CounterBatch, CounterSample, samples_subject
 from contracts.spawn import SpawnRequest, spawn_check_subject
+from contracts.workloads import Resources, WorkloadStarted, WorkloadStopped, workloads_subject
 
 log = logging.getLogger("tollgate.demo")
 GIB = 2**30
@@ -67,6 +68,7 @@ async def run_fleet(nc: Client, prefix: str, stop: asyncio.Event, interval: floa
     js = nc.jetstream()
     epoch = uuid.uuid4().hex[:12]  # a new life of the counters each time the demo starts
     await _obey_terminations(nc, prefix)
+    await _announce(nc, prefix)
     seq = 0
     last = datetime.now(UTC)
     ticks = 0
@@ -98,9 +100,27 @@ async def run_fleet(nc: Client, prefix: str, stop: asyncio.Event, interval: floa
             await _spawn_checks(nc, prefix)
 
 
+async def _announce(nc: Client, prefix: str) -> None:
+    """Say that each workload starts, as a meter agent does: every start of the demo
+    (re)starts its workloads, also those the policy terminated in an earlier run."""
+    js = nc.jetstream()
+    now = datetime.now(UTC)
+    for host, workloads in FLEET.items():
+        for w in workloads:
+            event = WorkloadStarted(
+                workload=w.workload, subject=w.subject, host=host, started_at=now,
+                resources=Resources(cpus=w.cpu_load, mem_bytes=w.mem_bytes, gpus=w.gpus),
+            )  # fmt: skip
+            try:
+                await js.publish(workloads_subject(host, prefix), event.to_json())
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("demo: cannot announce %s (%s)", w.workload, exc)
+
+
 async def _obey_terminations(nc: Client, prefix: str) -> None:
     """Stop a simulated workload when the policy orders it, as a real meter agent would."""
     by_name = {w.workload: w for workloads in FLEET.values() for w in workloads}
+    hosts = {w.workload: host for host, workloads in FLEET.items() for w in workloads}
 
     async def on_command(msg: Msg) -> None:
         try:
@@ -111,6 +131,17 @@ async def _obey_terminations(nc: Client, prefix: str) -> None:
         if w is not None and w.stopped_by is None:
             w.stopped_by = command.reason
             log.info("demo: %s terminated by the policy (%s)", w.workload, command.reason)
+            stopped = WorkloadStopped(
+                workload=w.workload, subject=w.subject, host=hosts[w.workload],
+                stopped_at=datetime.now(UTC), exit_status=143,
+                termination_reason=command.reason,
+            )  # fmt: skip
+            try:
+                await nc.jetstream().publish(
+                    workloads_subject(hosts[w.workload], prefix), stopped.to_json()
+                )
+            except (nats.errors.Error, OSError) as exc:
+                log.warning("demo: cannot report the stop of %s (%s)", w.workload, exc)
 
     for host in FLEET:
         await nc.subscribe(terminate_subject(host, prefix), cb=on_command)

@@ -181,6 +181,13 @@ class WorkloadPublic(Public):
     exit_status: int | None
     termination_reason: str | None
     termination: TerminationPublic | None
+    terminate_commands: int = Field(
+        default=0, description="terminate commands the policy sent it (re-sent while it runs)"
+    )
+    ignored_commands: int = Field(
+        default=0,
+        description="of those, how many it outlived: usage sampled after the command's grace",
+    )
     usage_from: UtcDatetime | None = Field(description="start of the first hour with usage")
     usage_to: UtcDatetime | None = Field(description="end of the last hour with usage")
     usage: list[MetricTotal]

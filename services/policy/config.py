@@ -196,6 +196,33 @@ class QuotaRule(_Strict):
         return self._amount
 
 
+class Reissue(_Strict):
+    """Terminating again while a terminated workload's usage keeps arriving (README:
+    "Enforcement that does not give up"): after `after`, then doubling up to `max`."""
+
+    after: timedelta = timedelta(seconds=30)
+    max: timedelta = timedelta(minutes=5)
+    settle: timedelta = Field(
+        default=timedelta(seconds=10),
+        description="usage sampled this long after a command's grace (or a stop) still "
+        "counts as the workload's last breath, not as proof that it runs",
+    )
+    enabled: bool = True
+
+    @field_validator("after", "max", "settle", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_duration(v) if isinstance(v, str | int) else v
+
+    @model_validator(mode="after")
+    def _sane(self) -> Reissue:
+        if self.after <= timedelta(0):
+            raise ValueError("after must be at least 1s (it paces repeated terminate commands)")
+        if self.max < self.after:
+            raise ValueError(f"max ({self.max}) must not be shorter than after ({self.after})")
+        return self
+
+
 class PolicyConfig(_Strict):
     """The whole quota configuration."""
 
@@ -203,6 +230,7 @@ class PolicyConfig(_Strict):
     quotas: list[QuotaRule] = Field(default_factory=list)
     failure_mode: Literal["open", "closed"] = "open"
     max_staleness: timedelta = timedelta(seconds=60)
+    reissue: Reissue = Field(default_factory=Reissue)
     help: str | None = Field(
         default=None, description="appended to denials, e.g. 'ask your admin to join power'"
     )

@@ -18,11 +18,12 @@ from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 from . import metrics
 from .config import PolicyConfig
 from .engine import Mark, MarkKey
+from .reissue import Attempt
 from .reservations import ReservationBook
 from .source import ConfigSource
 from .standings import View
 from .usage import Applied, UsageEvent, UsageState
-from .workloads import WorkloadBook
+from .workloads import Workload, WorkloadBook
 
 log = logging.getLogger("tollgate.policy")
 Clock = Callable[[], datetime]
@@ -86,6 +87,8 @@ class LiveState:
     stats: PolicyStats = field(default_factory=PolicyStats)
     fresh_at: datetime | None = None
     head_seen: int = 0
+    resumed: list[Workload] = field(default_factory=list)  # to record as running again
+    attempts: dict[str, Attempt] = field(default_factory=dict)  # latest command per crossing
 
     @property
     def ready(self) -> bool:
@@ -133,9 +136,26 @@ class LiveState:
                 self.stats.bump("usage_events_applied")
                 self.holds.consume(e.subject, e.workload, e.metric, e.delta)
                 self.dirty.add(e.subject)
+                if e.workload in self.book.stopped and e.delta > 0:
+                    self._maybe_resumed(e)
         if self.dirty:
             self.wake.set()
         return Applied.APPLIED
+
+    def _maybe_resumed(self, e: UsageEvent) -> None:
+        """Usage sampled after a workload's stop (plus `reissue.settle`, so its final
+        sample does not count) means it runs again."""
+        stopped = self.book.stopped[e.workload]
+        if e.at <= stopped + self.config.current().reissue.settle:
+            return
+        w = self.book.resume(e.workload, e.subject, e.host, e.at)
+        if w is not None:
+            self.resumed.append(w)
+            log.warning(
+                "workload %s of %s on host %s reported usage sampled at %s, after it stopped "
+                "at %s: running again (it was restarted or never stopped)",
+                w.workload, w.subject, w.host, e.at.isoformat(), stopped.isoformat(),
+            )  # fmt: skip
 
     def replace_usage(self, usage: UsageState, now: datetime) -> None:
         """Take a fresh snapshot (start, or a resync after a config needs more history)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 
@@ -26,6 +26,10 @@ from .units import format_number
 
 def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
+
+
+def _at(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _used(s: Standing) -> str:
@@ -87,6 +91,21 @@ def translate(
             f"Terminate {w.workload} on {w.host}: {w.subject} used {_used(s)}; "
             f"{q.reason}, SIGKILL after {format_number(q.grace_seconds)} s of grace."
         )
+        repeat: dict[str, object] = {"attempt": action.attempt, "crossing": action.crossing}
+        if action.previous is not None:
+            p = action.previous
+            message = (
+                f"Terminate {w.workload} on {w.host} again (command {action.attempt}): it "
+                f"still sent usage sampled at {_at(action.usage_until or now)}, after "
+                f"command {p.number} at {_at(p.decided_at)} and its "
+                f"{format_number(p.grace_seconds)} s of grace; {w.subject} used {_used(s)}."
+            )
+            repeat |= {
+                "previous_command_id": p.command_id,
+                "previous_decided_at": p.decided_at,
+                "previous_host": p.host,
+                "usage_until": action.usage_until,
+            }
         record = decision(
             decision_id=action.command_id,
             kind="terminate",
@@ -102,6 +121,7 @@ def translate(
                     "started_at": w.started_at,
                     "announced": w.announced,
                     "grace_seconds": q.grace_seconds,
+                    **repeat,
                 },
             ),
         )

@@ -78,6 +78,7 @@ class PolicyService:
             live.book = await roster.load_book(conn, now)
             live.marks = await records.load_marks(conn)
             live.sent = await records.load_sent(conn, now - SENT_MEMORY)
+            live.attempts = await records.load_attempts(conn, now - SENT_MEMORY)
             holds = await records.load_holds(conn, now)
         await self.workloads.catch_up()
         # The feed's consumer exists before the snapshot, so nothing falls between them.

@@ -105,6 +105,10 @@ class Seen:
     host: str
     first: datetime
     last: datetime
+    # The latest sample time of usage folded event by event (never from the hourly
+    # snapshot, whose buckets only say "some time in this hour"): what re-issuing a
+    # terminate command and resuming a stopped workload go by.
+    sampled_until: datetime | None = None
 
 
 @dataclass
@@ -127,6 +131,10 @@ class UsageState:
             return Applied.GAP
         self.last_seq = event.seq
         self.add(event)
+        if event.delta > 0:
+            seen = self.seen[event.workload]
+            if seen.sampled_until is None or event.at > seen.sampled_until:
+                seen.sampled_until = event.at
         return Applied.APPLIED
 
     def add(self, e: UsageEvent) -> None:
@@ -186,6 +194,10 @@ class UsageState:
 
     def workload_minutes(self, workload: str, metric: str) -> Buckets:
         return self.minutes.get((workload, metric)) or Buckets()
+
+    def sampled_until(self, workload: str) -> datetime | None:
+        seen = self.seen.get(workload)
+        return None if seen is None else seen.sampled_until
 
     def workloads_of(self, subject: str) -> list[str]:
         return sorted(self.by_subject.get(subject, ()))

@@ -146,6 +146,10 @@ async def gather(
                 stopped_at=r["stopped_at"],
                 exit_status=r["exit_status"],
                 stop_reason=r["stop_reason"],
+                terminate_commands=r["terminate_commands"],
+                ignored_commands=r["ignored_commands"],
+                usage_after_command=r["usage_after_command"],
+                resumed_from=r["resumed_from"],
             )
             for r in workloads
         ],

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 from services.policy.units import format_number
 
+from ..humanize import disobeying
 from ..tokens import Principal, Role
 from .page import layout, span, when
 
@@ -70,6 +71,10 @@ class WorkloadView:
     stopped_at: datetime | None
     exit_status: int | None
     stop_reason: str | None
+    terminate_commands: int = 0
+    ignored_commands: int = 0
+    usage_after_command: datetime | None = None
+    resumed_from: datetime | None = None
 
 
 @dataclass
@@ -156,8 +161,13 @@ def _short(decision_id: str) -> str:
 
 def _workload(w: WorkloadView) -> str:
     ended = "still running" if w.stopped_at is None else when(w.stopped_at)
-    if w.stopped_at is None:
+    if w.stopped_at is None and w.ignored_commands:
+        state = '<span class="pill exceeded">ignores terminate</span>'
+        ended = disobeying(w.ignored_commands, w.host, w.usage_after_command)
+    elif w.stopped_at is None:
         state = '<span class="pill ok">running</span>'
+        if w.resumed_from is not None:
+            ended = f"running again after it stopped at {when(w.resumed_from)}"
     elif w.stop_reason:
         state = f'<span class="pill exceeded">{e(w.stop_reason)}</span>'
     else:
