@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
 
 import asyncpg
+import nats.errors
 from nats.aio.client import Client
 
 from services.ledger.app import LedgerService
@@ -16,11 +18,14 @@ from services.ledger.feed import UsageFeed
 from services.policy.app import SpawnCheckResponder
 from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
-from tollgate.bus import connect, ensure_streams
-from tollgate.db import connect_and_migrate, create_pool, migrate
+from tollgate.bus import close_quietly, connect, ensure_streams
+from tollgate.db import close_pool, connect_and_migrate, create_pool, migrate
 from tollgate.settings import Settings
 
 log = logging.getLogger("tollgate")
+# After a stop, how long services may take to finish their batch before they are cut short
+# (what they held is redelivered): Ctrl-C is answered in seconds whatever the servers do.
+STOP_GRACE = 3.0
 
 
 async def _retry(
@@ -66,22 +71,25 @@ async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Clien
 async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
     """The ledger: samples in, exact usage events out."""
     nc = await open_nats(settings, "tollgate-ledger", stop)
-    pool = await open_pool(settings, stop)
     try:
-        service = LedgerService(
-            nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
-            fetch_timeout=settings.ledger_fetch_timeout,
-            max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
-            partition=settings.partition if settings.partitions > 1 else None,
-        )  # fmt: skip
-        feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
-        log.info("ledger consuming %s samples as consumer %s", settings.prefix, service.consumer)
-        await asyncio.gather(service.run(stop), feed.run(stop, service.committed))
+        pool = await open_pool(settings, stop)
+        try:
+            service = LedgerService(
+                nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
+                fetch_timeout=settings.ledger_fetch_timeout,
+                max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
+                partition=settings.partition if settings.partitions > 1 else None,
+            )  # fmt: skip
+            feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
+            log.info("ledger consuming %s samples as consumer %s", settings.prefix,
+                     service.consumer)  # fmt: skip
+            await asyncio.gather(service.run(stop), feed.run(stop, service.committed))
+        finally:
+            await close_pool(pool)
     finally:
         # close, not drain: draining a pull subscription waits out nats-py's 30 s timeout,
         # and anything fetched but not committed is simply redelivered.
-        await nc.close()
-        await pool.close()
+        await close_quietly(nc)
 
 
 async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
@@ -114,9 +122,10 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
         )  # fmt: skip
         await service.run(stop)
     finally:
-        await responder.stop()
-        await nc.close()
-        await pool.close()
+        with contextlib.suppress(OSError, nats.errors.Error):  # NATS may be gone by now
+            await responder.stop()
+        await close_quietly(nc)
+        await close_pool(pool)
 
 
 async def run_api(settings: Settings, stop: asyncio.Event) -> None:
@@ -124,6 +133,24 @@ async def run_api(settings: Settings, stop: asyncio.Event) -> None:
     from services.api.bootstrap import serve
 
     await serve(settings, stop)
+
+
+async def cancel_and_wait(tasks: Collection[asyncio.Task[Any]], rounds: int = 25) -> None:
+    """Cancel tasks and wait for them, cancelling again while they are not done.
+
+    Once is not always enough on Python 3.11: `asyncio.wait_for` swallows a cancel that
+    lands just as its inner future completes (CPython gh-86296, fixed in 3.12), and the
+    task then goes on, e.g. into a publish that waits out its timeout.
+    """
+    pending = {t for t in tasks if not t.done()}
+    for _ in range(rounds):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.2)
+    for task in pending:
+        log.warning("%s does not stop when cancelled; leaving it", task.get_name())
 
 
 SERVICES: dict[str, Callable[[Settings, asyncio.Event], Awaitable[None]]] = {
@@ -144,12 +171,24 @@ async def run_together(
     settings: Settings, names: list[str], stop: asyncio.Event,
     extra: list[Callable[[asyncio.Event], Awaitable[None]]] | None = None,
 ) -> None:  # fmt: skip
-    """Run several services in one process; if one fails, stop the others and re-raise."""
+    """Run several services in one process; if one fails, stop the others and re-raise.
+
+    Once stopped, a service gets STOP_GRACE seconds to finish, then it is cancelled: a
+    request or publish waiting on a server that is gone must not hold up Ctrl-C.
+    """
     tasks = [asyncio.create_task(SERVICES[n](settings, stop), name=n) for n in names]
     tasks += [asyncio.create_task(fn(stop), name="extra") for fn in extra or []]
     stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    stop.set()
+    try:
+        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        stopper.cancel()
+        _, late = await asyncio.wait(tasks, timeout=STOP_GRACE)
+        for task in late:
+            log.info("%s is still stopping after %.0f s; cutting it short", task.get_name(),
+                     STOP_GRACE)  # fmt: skip
+        await cancel_and_wait(late)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for task, result in zip(tasks, results, strict=True):
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
