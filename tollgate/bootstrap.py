@@ -6,8 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Collection
-from typing import Any
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import nats.errors
@@ -21,6 +20,7 @@ from services.policy.source import ConfigSource
 from tollgate.bus import close_quietly, connect, ensure_streams
 from tollgate.db import close_pool, connect_and_migrate, create_pool, migrate
 from tollgate.settings import Settings
+from tollgate.tasks import cancel_and_wait, unless_stopped
 
 log = logging.getLogger("tollgate")
 # After a stop, how long services may take to finish their batch before they are cut short
@@ -59,7 +59,8 @@ async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Clien
     assert settings.nats_url
     url = settings.nats_url
     seed = settings.nats_nkey_seed_file
-    nc = await _retry("NATS", lambda: connect(url, name, seed), stop)
+    # nats-py retries inside connect while the server is away: only `stop` ends the wait.
+    nc = await unless_stopped(_retry("NATS", lambda: connect(url, name, seed), stop), stop)
     assert isinstance(nc, Client)
     await ensure_streams(
         nc.jetstream(), settings.prefix, settings.duplicate_window_seconds,
@@ -133,24 +134,6 @@ async def run_api(settings: Settings, stop: asyncio.Event) -> None:
     from services.api.bootstrap import serve
 
     await serve(settings, stop)
-
-
-async def cancel_and_wait(tasks: Collection[asyncio.Task[Any]], rounds: int = 25) -> None:
-    """Cancel tasks and wait for them, cancelling again while they are not done.
-
-    Once is not always enough on Python 3.11: `asyncio.wait_for` swallows a cancel that
-    lands just as its inner future completes (CPython gh-86296, fixed in 3.12), and the
-    task then goes on, e.g. into a publish that waits out its timeout.
-    """
-    pending = {t for t in tasks if not t.done()}
-    for _ in range(rounds):
-        if not pending:
-            return
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=0.2)
-    for task in pending:
-        log.warning("%s does not stop when cancelled; leaving it", task.get_name())
 
 
 SERVICES: dict[str, Callable[[Settings, asyncio.Event], Awaitable[None]]] = {

@@ -128,7 +128,7 @@ async def connect(url: str, name: str, seed_file: Path | None = None) -> Client:
         log.info("%s: reconnected to NATS", name)
 
     async def _error(exc: Exception) -> None:
-        nonlocal refused, forbidden
+        nonlocal refused, forbidden, down
         if "authorization violation" in str(exc).lower():
             if not refused:  # said once: the client retries every half second
                 refused = True
@@ -139,6 +139,11 @@ async def connect(url: str, name: str, seed_file: Path | None = None) -> Client:
             level = logging.WARNING if forbidden else logging.ERROR
             forbidden = True
             log.log(level, "%s: NATS refused this: %s (%s)", name, exc, _allowed(seed_file))
+            return
+        if isinstance(exc, OSError) and not (down or nc.is_connected or nc.is_closed):
+            # Not there at our first attempt (nats-py retries inside connect): said once.
+            down = True
+            log.warning("%s: cannot reach NATS at %s yet (%s); retrying", name, url, exc)
             return
         # An EOF is the server going away: the disconnect callback says so, once.
         quiet = down or isinstance(exc, nats.errors.UnexpectedEOF)
@@ -156,6 +161,9 @@ async def connect(url: str, name: str, seed_file: Path | None = None) -> Client:
         error_cb=_error,
         **auth,
     )
+    if down:
+        down = False
+        log.info("%s: connected to NATS", name)
     return nc
 
 

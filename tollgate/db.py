@@ -104,7 +104,10 @@ async def close_pool(pool: asyncpg.Pool, timeout: float = 2.0) -> None:
     """
     try:
         await asyncio.wait_for(pool.close(), timeout)
-    except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (
+        TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+    ) as exc:  # fmt: skip
         log.debug("closing the Postgres pool: %s", exc)
         pool.terminate()
     except asyncio.CancelledError:

@@ -17,6 +17,7 @@ from services.policy.source import ConfigSource
 from tollgate.bus import CredentialsError, close_quietly, connect, seed_public_key
 from tollgate.db import close_pool, connect_and_migrate
 from tollgate.settings import Settings
+from tollgate.tasks import cancel_and_wait
 
 from . import errors
 from .deps import ApiDeps, AuthKeys
@@ -141,9 +142,7 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
     try:
         yield deps
     finally:
-        joining.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await joining
+        await cancel_and_wait([joining])
         await close_quietly(deps.nc)
         await close_pool(pool)
 

@@ -182,6 +182,7 @@ async def test_up_exits_with_what_to_do_when_a_killed_server_lost_its_data_direc
     procs.append(up := tollgate(["up"], up_env(data, port), log))
     await wait_logged(lambda: ready(api), log, "readyz")
     nats_pid, pg_pid = server_pid(data, "nats-server"), server_pid(data, "postgres")
+    psutil.Process(nats_pid).suspend()  # so it writes nothing while its data goes
     shutil.rmtree(data / "nats" / "jetstream")
     killed = time.monotonic()
     os.kill(nats_pid, signal.SIGKILL)

@@ -29,6 +29,7 @@ from tollgate.embedded import (
 )
 from tollgate.settings import Settings
 from tollgate.supervise import Server, ServerLost, Supervisor, force_stop, stop_servers
+from tollgate.tasks import cancel_and_wait
 
 log = logging.getLogger("tollgate.up")
 console = Console(stderr=True)
@@ -180,7 +181,7 @@ async def _demo(settings: Settings, stop: asyncio.Event) -> None:
     try:
         await asyncio.wait([fleet, stopping], return_when=asyncio.FIRST_COMPLETED)
         # A simulated fleet has nothing to finish: a publish waiting on NATS is let go.
-        await bootstrap.cancel_and_wait([fleet])
+        await cancel_and_wait([fleet])
         if not fleet.cancelled():
             fleet.result()  # a fleet that failed says why
     finally:
