@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -174,6 +175,50 @@ async def test_up_restarts_each_embedded_server_killed_with_sigkill_and_counts_e
         assert await gone(pid)
 
 
+def _freeze_postgres_backend(data: Path) -> psutil.Process:
+    """Stop one of Postgres's own processes: while it is attached to the shared memory, a
+    new postmaster refuses to start ("pre-existing shared memory block is still in use")."""
+    postmaster = psutil.Process(server_pid(data, "postgres"))
+    child = postmaster.children()[0]
+    child.suspend()
+    return child
+
+
+async def test_up_exits_with_what_to_do_when_the_port_of_a_killed_server_was_taken(
+    tmp_path: Path, procs: list
+) -> None:
+    data, port = tmp_path / "data", free_port()
+    log, api = tmp_path / "up.log", f"http://127.0.0.1:{port}"
+    procs.append(up := tollgate(["up"], up_env(data, port), log))
+    await wait_logged(lambda: ready(api), log, "readyz")
+    pg_port = int(json.loads((data / "endpoints.json").read_text())["database_url"]
+                  .rsplit(":", 1)[1].split("/")[0])  # fmt: skip
+    # A stuck old backend makes the first restarts fail; meanwhile someone takes the port.
+    frozen = _freeze_postgres_backend(data)
+    try:
+        os.kill(server_pid(data, "postgres"), signal.SIGKILL)
+        await wait_logged(lambda: logged(log, "postgres did not come back"), log,
+                          "a failed restart of postgres", timeout=60)  # fmt: skip
+        squatter = socket.create_server(("127.0.0.1", pg_port))
+        frozen.kill()
+        frozen = None
+        try:
+            code = up.wait(60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"hangs; log:\n{log.read_text()[-3000:]}") from None
+        finally:
+            squatter.close()
+    finally:
+        if frozen is not None:
+            frozen.kill()
+    assert code == 1
+    text = log.read_text()
+    assert f"postgres died and cannot be restarted: port {pg_port}" in text
+    assert f"is now taken by pid {os.getpid()}" in text
+    assert "Stop that process, or stop `tollgate up` and start it again" in text
+    assert_clean(log)
+
+
 async def test_up_exits_with_what_to_do_when_a_killed_server_lost_its_data_directory(
     tmp_path: Path, procs: list
 ) -> None:
@@ -200,15 +245,6 @@ async def test_up_exits_with_what_to_do_when_a_killed_server_lost_its_data_direc
     assert_clean(log)
     await wait_until(lambda: gone(pg_pid), timeout=30, what="postgres stopped as well")
     assert not (data / "endpoints.json").exists()
-
-
-def _freeze_postgres_backend(data: Path) -> psutil.Process:
-    """Stop one of Postgres's own processes: while it is attached to the shared memory, a
-    new postmaster refuses to start ("pre-existing shared memory block is still in use")."""
-    postmaster = psutil.Process(server_pid(data, "postgres"))
-    child = postmaster.children()[0]
-    child.suspend()
-    return child
 
 
 @pytest.mark.parametrize(
