@@ -28,6 +28,7 @@ from tollgate.serverprocs import (
     check_port,
     free_port,
     last_error,
+    log_size,
     never,
     port_free,
     stop_leftover,
@@ -116,6 +117,7 @@ class EmbeddedNats:
                 ]
             )
         )
+        since = log_size(log)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [str(nats_server_binary()), "-c", str(conf)],
@@ -123,7 +125,7 @@ class EmbeddedNats:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        wait_for_port(self.port, self.proc, "nats-server", log, abort)
+        wait_for_port(self.port, self.proc, "nats-server", log, abort, since)
         return self
 
     def stop(self) -> None:
@@ -242,6 +244,7 @@ class EmbeddedPostgres:
                     f"initdb failed for {self.pgdata}:\n{init.stderr.decode()[-2000:]}"
                 )
         self.port = self.port or free_port()
+        since = log_size(log)
         with open(log, "ab") as out:
             if as_user:
                 os.chown(log, as_user["user"], as_user["group"])
@@ -269,11 +272,11 @@ class EmbeddedPostgres:
                 start_new_session=True,
                 **as_user,  # type: ignore[arg-type]
             )
-        wait_for_port(self.port, self.proc, "postgres", log, abort)
-        self._wait_ready(bin_dir, log, abort)
+        wait_for_port(self.port, self.proc, "postgres", log, abort, since)
+        self._wait_ready(bin_dir, log, abort, since)
         return self
 
-    def _wait_ready(self, bin_dir: Path, log: Path, abort: Abort) -> None:
+    def _wait_ready(self, bin_dir: Path, log: Path, abort: Abort, since: int) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if abort():
@@ -297,7 +300,7 @@ class EmbeddedPostgres:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise EmbeddedServerError(
-                    f"postgres exited while starting{last_error(log)} (log: {log})"
+                    f"postgres exited while starting{last_error(log, since)} (log: {log})"
                 )
             time.sleep(0.1)
         raise EmbeddedServerError(f"postgres did not become ready within 60 s; see {log}")

@@ -32,6 +32,7 @@ Abort = Callable[[], bool]
 
 
 def never() -> bool:
+    """The default Abort: nobody asks a start to give up."""
     return False
 
 
@@ -65,6 +66,7 @@ def holder(port: int) -> str:
 
 
 def check_port(port: int, what: str) -> None:
+    """Raise CannotRestart, naming who has it, if a server's old port is now taken."""
     if port and not port_free(port):
         raise CannotRestart(
             f"port {port}, where {what} must come back for the services to find it, is now "
@@ -73,11 +75,20 @@ def check_port(port: int, what: str) -> None:
         )
 
 
-def last_error(log: Path) -> str:
-    """The server's own last FATAL/error line: usually the whole story of a failed start."""
+def log_size(log: Path) -> int:
+    """Where this start's lines begin in a log that every start appends to."""
+    try:
+        return log.stat().st_size
+    except OSError:
+        return 0
+
+
+def last_error(log: Path, since: int = 0) -> str:
+    """The server's own last FATAL/error line written after `since`: usually the whole story
+    of a failed start."""
     with contextlib.suppress(OSError):
         with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            f.seek(max(since, f.seek(0, os.SEEK_END) - 8192))
             lines = f.read().decode(errors="replace").splitlines()
         for line in reversed(lines):
             if any(w in line for w in ("FATAL", "PANIC", "[FTL]", "[ERR]", "error")):
@@ -86,8 +97,17 @@ def last_error(log: Path) -> str:
 
 
 def wait_for_port(
-    port: int, proc: subprocess.Popen[bytes], what: str, log: Path, abort: Abort = never
+    port: int,
+    proc: subprocess.Popen[bytes],
+    what: str,
+    log: Path,
+    abort: Abort = never,
+    since: int = 0,
 ) -> None:
+    """Return once `proc` listens on `port`; raise if it exits, `abort()` holds, or 60 s pass.
+
+    `since` is where this start's lines begin in `log` (see `log_size`).
+    """
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if abort():
@@ -96,7 +116,7 @@ def wait_for_port(
         if proc.poll() is not None:
             raise EmbeddedServerError(
                 f"{what} exited with status {proc.returncode} while starting"
-                f"{last_error(log)} (log: {log})"
+                f"{last_error(log, since)} (log: {log})"
             )
         with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
             if proc.poll() is None:  # the port is ours, not someone else's who took it
@@ -106,6 +126,7 @@ def wait_for_port(
 
 
 def stop_process(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
+    """Send `sig`, wait up to `timeout`, then SIGKILL; blocking (for starts and tests)."""
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(sig)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from tollgate.embedded import Abort, CannotRestart, EmbeddedServerError, StartAborted
+from tollgate.serverprocs import Abort, CannotRestart, EmbeddedServerError, StartAborted
 
 log = logging.getLogger("tollgate.up")
 
