@@ -82,17 +82,22 @@ async def publish(nats_url: str, host: str, seq: int, subject: str, workload: st
         await nc.close()
 
 
-async def spawn_answered(nats_url: str, subject: str) -> bool:
-    """The policy answers spawn checks on NATS (its subscription is back after a restart)."""
+async def spawn_check(nats_url: str, subject: str) -> dict | None:
+    """The policy's answer on NATS, or None while it does not answer."""
     nc = await nats.connect(nats_url)
     try:
         request = SpawnRequest(subject=subject, workload=unique("w")).to_json()
         reply = await nc.request("tollgate.v1.spawn.check", request, timeout=2)
-        return "allowed" in json.loads(reply.data)
+        return dict(json.loads(reply.data))
     except (nats.errors.Error, OSError):
-        return False
+        return None
     finally:
         await nc.close()
+
+
+async def spawn_answered(nats_url: str, subject: str) -> bool:
+    """The policy answers spawn checks (its subscription is back after a restart)."""
+    return await spawn_check(nats_url, subject) is not None
 
 
 def stop_timed(proc: subprocess.Popen[bytes], sig: int, log: Path) -> tuple[int, float]:
@@ -156,6 +161,16 @@ async def test_up_restarts_each_embedded_server_killed_with_sigkill_and_counts_e
         await wait_logged(
             lambda: spawn_answered(nats_url, subject), log, f"spawn checks after {server}", 60
         )
+    # The policy's usage feed resumed too: a sample past the demo's 10 GB egress quota
+    # (it applies to all) turns this subject's spawn checks into denials.
+    await sample("over-the-egress-quota", 11 * 10**9)
+    await wait_logged(exact, log, "the sample over the quota counted", timeout=60)
+
+    async def denied() -> bool:
+        decision = await spawn_check(nats_url, subject)
+        return decision is not None and decision["reason"] == "quota_exceeded"
+
+    await wait_logged(denied, log, "the policy denying from usage after both restarts", 60)
     # The demo fleet reconnected by itself: alice's counters are still coming in.
     alice = await usage_total(api, "alice", "mem.alloc.byte_seconds")
     assert alice is not None
