@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-import typer
-from pydantic import ValidationError
+try:
+    import typer
+    from pydantic import ValidationError
 
-from tollgate.commands import (
-    docs,
-    explain,
-    meter,
-    natsconfig,
-    quota,
-    replay,
-    report,
-    run,
-    services,
-    token,
-    up,
-)
+    from tollgate.commands import (
+        docs,
+        explain,
+        meter,
+        natsconfig,
+        quota,
+        replay,
+        report,
+        run,
+        services,
+        token,
+        up,
+    )
+except KeyboardInterrupt:  # Ctrl-C while the modules load: a quiet exit, as later on
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     no_args_is_help=True,

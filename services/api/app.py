@@ -14,9 +14,10 @@ from fastapi import FastAPI
 
 from services.policy.config import ConfigError
 from services.policy.source import ConfigSource
-from tollgate.bus import CredentialsError, connect, seed_public_key
-from tollgate.db import connect_and_migrate
+from tollgate.bus import CredentialsError, close_quietly, connect, seed_public_key
+from tollgate.db import close_pool, connect_and_migrate
 from tollgate.settings import Settings
+from tollgate.tasks import cancel_and_wait
 
 from . import errors
 from .deps import ApiDeps, AuthKeys
@@ -145,12 +146,9 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
     try:
         yield deps
     finally:
-        joining.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await joining
-        if deps.nc is not None:
-            await deps.nc.close()
-        await pool.close()
+        await cancel_and_wait([joining])
+        await close_quietly(deps.nc)
+        await close_pool(pool)
 
 
 async def _join_nats(deps: ApiDeps, url: str, seed_file: Path | None) -> None:

@@ -23,6 +23,8 @@ UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
     asyncpg.InterfaceError,
+    # A pooled connection that got the FATAL of a Postgres killed under it (kill -9).
+    asyncpg.InternalClientError,
     asyncpg.TooManyConnectionsError,
 )
 

@@ -35,6 +35,8 @@ TRANSIENT = (
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A pooled connection that got the FATAL of a Postgres killed under it (kill -9).
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.DeadlockDetectedError,
