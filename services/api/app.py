@@ -25,7 +25,18 @@ from .hub import HubAuthenticator
 from .metrics import RequestMetrics
 from .options import ApiOptions, options_from_environment
 from .ratelimit import RateLimiter
-from .routes import audit, health, metrics, quotas, reports, spawn, usage, web, workloads
+from .routes import (
+    audit,
+    grants,
+    health,
+    metrics,
+    quotas,
+    reports,
+    spawn,
+    usage,
+    web,
+    workloads,
+)
 
 DESCRIPTION = """Usage and quotas of Tollgate subjects.
 
@@ -74,7 +85,9 @@ def create_app(
     app.state.limiter = RateLimiter(options.api_rate_per_second, options.api_rate_burst)
     errors.install(app)
     app.add_middleware(RequestMetrics)
-    for module in (health, metrics, web, usage, quotas, workloads, spawn, reports, audit):
+    for module in (
+        health, metrics, web, usage, quotas, grants, workloads, spawn, reports, audit,
+    ):  # fmt: skip
         app.include_router(module.router)
     return app
 

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from . import metrics
 from .config import PolicyConfig
 from .engine import Mark, MarkKey
+from .grants import GrantBook
 from .reservations import ReservationBook
 from .source import ConfigSource
 from .standings import View
@@ -76,6 +77,7 @@ class LiveState:
     usage: UsageState | None = None  # None until the first snapshot has loaded
     book: WorkloadBook = field(default_factory=WorkloadBook)
     holds: ReservationBook = field(default_factory=ReservationBook)
+    grants: GrantBook = field(default_factory=GrantBook)
     marks: dict[str, dict[MarkKey, Mark]] = field(default_factory=dict)
     sent: set[str] = field(default_factory=set)
     dirty: set[str] = field(default_factory=set)
@@ -92,8 +94,9 @@ class LiveState:
         """What one decision reads: one config version, the state, one instant."""
         assert self.usage is not None, "usage state not loaded yet"
         return View(
-            config or self.config.current(), self.usage, self.book, self.holds, now or self.clock()
-        )
+            config or self.config.current(), self.usage, self.book, self.holds,
+            now or self.clock(), self.grants,
+        )  # fmt: skip
 
     def staleness(self, now: datetime) -> timedelta | None:
         """How long since the state was last known to hold everything the ledger had."""
