@@ -35,6 +35,7 @@ from .audit import Auditor
 router = APIRouter(tags=["grants"])
 log = logging.getLogger("tollgate.api")
 _NAME: TypeAdapter[str] = TypeAdapter(Name)
+NOT_JSON = {"description": "the body is not UTF-8 JSON"}
 ADMIN_HOW = "Use the admin token (TOLLGATE_ADMIN_TOKEN, or the admin-token file of `tollgate up`)."
 
 
@@ -155,7 +156,7 @@ async def _record(
     "/v1/subjects/{subject:path}/grants",
     response_model=GrantPublic,
     status_code=201,
-    responses={401: {}, 403: {}, 404: {}, 422: {}},
+    responses={400: NOT_JSON, 401: {}, 403: {}, 404: {}, 422: {}},
 )
 async def post_subject_grant(
     subject: Annotated[str, Path(description="the subject, usually a user name")],
@@ -175,7 +176,7 @@ async def post_subject_grant(
     "/v1/groups/{group}/grants",
     response_model=GrantPublic,
     status_code=201,
-    responses={401: {}, 403: {}, 404: {}, 422: {}},
+    responses={400: NOT_JSON, 401: {}, 403: {}, 404: {}, 422: {}},
 )
 async def post_group_grant(
     group: Annotated[str, Path(description="a group whose members share a per: group quota")],
@@ -253,7 +254,7 @@ async def get_group_grants(
 @router.post(
     "/v1/grants/{grant_id}/revoke",
     response_model=GrantPublic,
-    responses={401: {}, 403: {}, 404: {}, 409: {}, 422: {}},
+    responses={400: NOT_JSON, 401: {}, 403: {}, 404: {}, 409: {}, 422: {}},
 )
 async def post_revoke(
     grant_id: Annotated[str, Path(max_length=100, description="e.g. g-3f9c2a1b0d4e")],
