@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,8 +24,9 @@ from services.api.tokens import Role, issue_token
 from services.policy.config import parse_config
 from services.policy.source import ConfigSource
 from tests.conftest import unique, wait_until
-from tests.integration.test_api_support import ADMIN, SECRET
+from tests.integration.test_api_support import ADMIN, SECRET, api_settings, live_api
 from tests.integration.test_policy_support import GIB_HOUR, Fleet, Inbox, spawn
+from tests.integration.test_replay import tollgate as replay
 from tollgate.commands.explain import explain_text
 from tollgate.settings import Settings
 
@@ -243,7 +247,7 @@ async def test_a_group_pool_grant_raises_the_pool_for_every_member(
 
 
 async def test_the_grants_record_is_append_only_and_its_chain_shows_tampering(
-    scene: tuple[httpx.AsyncClient, str, str], pool: asyncpg.Pool,
+    scene: tuple[httpx.AsyncClient, str, str], pool: asyncpg.Pool, database_url: str,
 ) -> None:  # fmt: skip
     client, alice, _ = scene
     ids = []
@@ -254,6 +258,8 @@ async def test_the_grants_record_is_append_only_and_its_chain_shows_tampering(
     await client.post(f"/v1/grants/{ids[0]}/revoke", headers=AS_ADMIN, json={"reason": "y"})
     verdict = (await client.get("/v1/audit/grants/verify", headers=AS_ADMIN)).json()
     assert verdict["ok"] and verdict["records"] == 4
+    verified = replay(database_url, "--verify")
+    assert verified.returncode == 0 and "grants record, 4 records" in verified.stderr
     for sql in ("UPDATE quota_grants SET amount = amount * 10", "DELETE FROM quota_grants",
                 "TRUNCATE quota_grants"):  # fmt: skip
         with pytest.raises(asyncpg.InsufficientPrivilegeError, match="append-only"):
@@ -266,3 +272,44 @@ async def test_the_grants_record_is_append_only_and_its_chain_shows_tampering(
     verdict = (await client.get("/v1/audit/grants/verify", headers=AS_ADMIN)).json()
     assert not verdict["ok"] and verdict["first_bad_seq"] == 2 and verdict["records"] == 1
     assert "do not hash" in verdict["problem"]
+    verified = replay(database_url, "--verify")
+    assert verified.returncode == 1
+    assert "grant record 2 does not hold" in " ".join(verified.stderr.split())
+
+
+async def _cli(url: str, *args: str) -> tuple[int, str]:
+    port = url.rsplit(":", 1)[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tollgate.cli", "grant", *args,
+        env={**os.environ, "TOLLGATE_ADMIN_TOKEN": ADMIN, "TOLLGATE_DATA_DIR": "/nonexistent",
+             "TOLLGATE_API_HOST": "127.0.0.1", "TOLLGATE_API_PORT": port, "COLUMNS": "200"},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode or 0, " ".join(out.decode().split())
+
+
+async def test_the_cli_adds_lists_and_revokes_grants_through_the_api(
+    tmp_path: Path, servers: Any, database_url: str, pool: asyncpg.Pool
+) -> None:
+    dana = unique("dana")
+    settings = api_settings(tmp_path, database_url=database_url, nats_url=servers.nats_url)
+    async with live_api(settings) as url:
+        code, out = await _cli(
+            url, "add", dana, "--quota", "egress-7d", "--amount", "2 GB", "--expires-in", "3d",
+            "--reason", "conference upload",
+        )  # fmt: skip
+        assert code == 0, out
+        assert "granted g-" in out and "2 GB on egress-7d for subject" in out
+        gid = out.split("granted ", 1)[1].split(":", 1)[0]
+        code, out = await _cli(url, "list", dana)
+        assert code == 0 and gid in out and "active" in out and "conference upload" in out
+        code, out = await _cli(url, "add", dana, "--quota", "egress-7d", "--amount", "-1 GB",
+                               "--expires-in", "1d", "--reason", "x")  # fmt: skip
+        assert code == 1 and "refused (422): amount:" in out and "negative" in out
+        code, out = await _cli(url, "revoke", gid, "--reason", "upload done")
+        assert code == 0 and f"revoked {gid}" in out and "revoked until" in out
+        code, out = await _cli(url, "revoke", gid, "--reason", "again")
+        assert code == 1 and "refused (409)" in out and "already revoked" in out
+        code, out = await _cli(url, "verify")
+        assert code == 0 and "OK: 2 grant records" in out
