@@ -132,6 +132,8 @@ async def test_a_grant_lifts_a_block_at_once_and_its_revocation_restores_it(
     assert quota_inputs["grants"][0]["grant_id"] == gid
     assert int(quota_inputs["base_limit"]) == 2 * GIB_HOUR
     assert gid in await explain_text(pool, unblock["decision_id"])
+    explained = " ".join((await explain_text(pool, allowed.decision_id)).split())
+    assert f"limit 2 GiB·h + grant {gid} of 10 GiB·h until" in explained
 
     # The API and the page's numbers agree.
     quotas = (await client.get(f"/v1/subjects/{alice}/quotas", headers=AS_ADMIN)).json()
@@ -152,6 +154,8 @@ async def test_a_grant_lifts_a_block_at_once_and_its_revocation_restores_it(
     again = await _decision(pool, "block", alice, after=1)
     assert f"grant {gid} (10 GiB·h) revoked" in again["message"]
     assert "deadline moved" in again["message"]
+    explained = await explain_text(pool, again["decision_id"])
+    assert f"grant {gid} no longer counts (revoked" in explained
     assert policy.service.live.grants.grants[gid].revoked_at is not None
 
     # Revoking twice is refused, and the chain of three records verifies.
@@ -313,3 +317,37 @@ async def test_the_cli_adds_lists_and_revokes_grants_through_the_api(
         assert code == 1 and "refused (409)" in out and "already revoked" in out
         code, out = await _cli(url, "verify")
         assert code == 0 and "OK: 2 grant records" in out
+
+
+async def test_a_grant_that_runs_out_brings_the_block_back(
+    nc: Client, prefix: str, pool: asyncpg.Pool, ledger: None, policy_for: Any, inbox: Inbox,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    alice = unique("alice")
+    text = CONFIG.format(alice=alice, member=unique("member"))
+    offset = [timedelta(0)]
+
+    def clock() -> datetime:
+        return datetime.now(UTC) + offset[0]
+
+    await policy_for(text, clock=clock, sweep_every=0.2)
+    node = Fleet(nc, prefix, unique("node"))
+    await node.sample(datetime.now(UTC) - timedelta(hours=1), (alice, "w1", MEM, 3 * GIB_HOUR))
+    await wait_until(lambda: _has(inbox, "block", alice, 1), what="the first block")
+    settings = Settings(data_dir=tmp_path, admin_token=ADMIN, token_secret=SECRET)
+    deps = ApiDeps(pool, nc, ConfigSource.fixed(parse_config(text)), clock=clock, prefix=prefix)
+    app = create_app(settings, deps=deps, options=ApiOptions(spawn_check_timeout=1))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        r = await c.post(
+            f"/v1/subjects/{alice}/grants", headers=AS_ADMIN,
+            json={"quota": "memory-30d", "amount": "5 GiB*h", "expires_in": "2h", "reason": "x"},
+        )  # fmt: skip
+        assert r.status_code == 201, r.text
+        gid = r.json()["grant_id"]
+        await wait_until(lambda: _has(inbox, "unblock", alice, 1), what="the unblock")
+        offset[0] = timedelta(hours=3)  # the grant has run out
+        await wait_until(lambda: _has(inbox, "block", alice, 2), what="the block to return")
+        listed = (await c.get(f"/v1/subjects/{alice}/grants", headers=AS_ADMIN)).json()
+    assert listed["grants"][0]["state"] == "expired"
+    again = await _decision(pool, "block", alice, after=1)
+    assert f"grant {gid} (5 GiB·h) expired" in again["message"]

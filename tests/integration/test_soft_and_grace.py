@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -9,11 +10,15 @@ from typing import Any
 
 import asyncpg
 from nats.aio.client import Client
+from rich.console import Console
 
 from contracts.spawn import SpawnRequest
+from services.policy.config import parse_config
+from services.policy.quotas import subject_quotas
 from tests.conftest import unique, wait_until
 from tests.integration.test_grants import AS_ADMIN, api
 from tests.integration.test_policy_support import GIB_HOUR, Fleet, Inbox, spawn
+from tollgate.commands.quota import render
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 MEM = "mem.alloc.byte_seconds"
@@ -110,6 +115,12 @@ async def test_soft_and_grace_report_what_a_hard_limit_enforces_on_the_same_usag
     (q,) = body["quotas"]
     assert (q["state"], q["enforced"], q["grace_remaining"]) == ("exceeded", False, "0.1")
     assert q["note"].startswith("over by 0.3 GiB·h, within grace")
+
+    # And `tollgate quota` prints the note.
+    found = await subject_quotas(pool, parse_config(text), grace)
+    out = Console(file=io.StringIO(), width=300)
+    out.print(render(grace, found, "test", []))
+    assert "mem-grace: over by 0.3 GiB·h, within grace" in out.file.getvalue()  # type: ignore[attr-defined]
 
     # Past the grace (2.5 > 2.4) the grace quota enforces; the soft one never does.
     await node.sample(
