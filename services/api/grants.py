@@ -39,7 +39,7 @@ class GrantRequest(BaseModel):
     amount: str = Field(
         min_length=1, max_length=100, description="in a unit of the quota's metric: '10 GiB*h'"
     )
-    expires_in: str | None = Field(default=None, description="e.g. '7d', '12h'")
+    expires_in: str | None = Field(default=None, max_length=40, description="e.g. '7d', '12h'")
     expires_at: UtcDatetime | None = None
     reason: Name = Field(max_length=500, description="why; kept in the audited record")
 
@@ -95,6 +95,8 @@ def _expiry(body: GrantRequest, now: datetime) -> datetime:
         length = parse_duration(body.expires_in)
     except ValueError as exc:
         raise GrantRefused("expires_in", str(exc)) from None
+    except OverflowError:
+        raise GrantRefused("expires_in", "is more than 400 days; raise the quota instead") from None
     if length <= timedelta(0):
         raise GrantRefused("expires_in", f"{body.expires_in!r} is not in the future")
     if length > MAX_EXPIRY:

@@ -184,6 +184,8 @@ BAD = [
     ({"expires_at": "2030-01-01T00:00:00Z"}, "expires_in", "not both"),
     ({"expires_in": None}, "expires_in", "needs an end"),
     ({"expires_in": "soon"}, "expires_in", "not a duration"),
+    ({"expires_in": "99999999999999d"}, "expires_in", "more than 400 days"),
+    ({"amount": "1" * 40 + " GiB*h"}, "amount", "too large"),
     ({"expires_in": None, "expires_at": "2030-01-01T00:00:00"}, "expires_at", "time zone"),
     ({"reason": ""}, "reason", ""),
     ({"colour": "blue"}, "colour", "Extra inputs"),
