@@ -234,7 +234,7 @@ def status(
         mode="soft" if quota.mode == "soft" else "hard",
         grace=quota.grace,
         enforced_limit=_exact(a.in_unit(quota.enforced_limit)) if quota.hard else None,
-        enforced=quota.hard and used >= quota.enforced_limit,
+        enforced=quota.hard and bool(quota.enforce) and used >= quota.enforced_limit,
         grace_remaining=grace_left,
         note=limit_note(quota, used),
         base_limit=_exact(a.in_unit(quota.base_limit)),
