@@ -353,3 +353,43 @@ async def test_a_grant_that_runs_out_brings_the_block_back(
     assert listed["grants"][0]["state"] == "expired"
     again = await _decision(pool, "block", alice, after=1)
     assert f"grant {gid} (5 GiB·h) expired" in again["message"]
+
+
+POOL_CONFIG = """
+groups:
+  {lab}: [{carol}, {dave}]
+quotas:
+  - name: lab-pool
+    metric: cpu.alloc.seconds
+    limit: 10 core*h
+    window: {{rolling: 30d}}
+    applies_to: {{groups: [{lab}]}}
+    per: group
+    enforce: [spawn]
+"""
+
+
+async def test_a_group_grant_lifts_the_pools_block_for_every_member(
+    nc: Client, prefix: str, pool: asyncpg.Pool, ledger: None, policy_for: Any, inbox: Inbox,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    lab, carol, dave = unique("lab"), unique("carol"), unique("dave")
+    text = POOL_CONFIG.format(lab=lab, carol=carol, dave=dave)
+    await policy_for(text, sweep_every=3600)
+    node = Fleet(nc, prefix, unique("node"))
+    # Carol alone uses up the pool: both members are blocked.
+    await node.sample(datetime.now(UTC) - timedelta(hours=1), (carol, "w1", "cpu.alloc.seconds",
+                                                               12 * 3600))  # fmt: skip
+    for s in (carol, dave):
+        await wait_until(lambda s=s: _has(inbox, "block", s, 1), what=f"{s}'s block")
+    async with api(tmp_path, pool, nc, prefix, text) as client:
+        r = await client.post(
+            f"/v1/groups/{lab}/grants", headers=AS_ADMIN,
+            json={"quota": "lab-pool", "amount": "5 core*h", "expires_in": "1d",
+                  "reason": "course week"},
+        )  # fmt: skip
+        assert r.status_code == 201, r.text
+    for s in (carol, dave):
+        await wait_until(lambda s=s: _has(inbox, "unblock", s, 1), what=f"{s}'s unblock")
+        decision = await spawn(nc, prefix, _ask(s))
+        assert decision.allowed and "12 of 15 core·h" in decision.message, decision.message
