@@ -28,6 +28,7 @@ from contracts.commands import (
 )
 from contracts.dlq import DeadLetterReason, dlq_stream, dlq_wildcard
 from contracts.errors import ErrorReply
+from contracts.grants import GrantRecorded, GrantRevoked, grants_subject
 from contracts.quota_events import QuotaExceeded, QuotaWarning, events_stream, quota_events_subject
 from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
@@ -134,6 +135,17 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "`tollgate.quota_warning.v1` once per threshold per window, and "
         "`tollgate.quota_exceeded.v1`. " + _stored(events_stream(prefix)),
     )
+    sends(
+        grants_subject("SCOPE", "TARGET", prefix)
+        .replace("SCOPE", "{scope}")
+        .replace("TARGET", "{target}"),
+        "grants",
+        GrantRecorded,
+        "Published by the API after a grant (`tollgate.grant_recorded.v1`) or a revocation "
+        "(`tollgate.grant_revoked.v1`) commits to the hash-chained grants record in Postgres; "
+        "the policy reads the record when cued (and polls), so this is a cue, not the record. "
+        "Plain NATS (not stored). SPEC addition.",
+    )
     reasons = ", ".join(f"`{r.value}`" for r in DeadLetterReason)
     broker.publisher(
         dlq_wildcard(prefix).replace("*", "{reason}"),
@@ -153,6 +165,7 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(spec.to_specification().to_json())
     _add_message(doc, "workloads", WorkloadStopped)
     _add_message(doc, "quota-events", QuotaExceeded)
+    _add_message(doc, "grants", GrantRevoked)
     _add_spawn_reply(doc)
     _add_parameters(doc)
     # FastStream keeps channels in no fixed order; a stable file diffs cleanly.
@@ -189,6 +202,8 @@ _PARAMETERS = {
     "host": "The host's name (one subject token; the meter's TOLLGATE_HOST).",
     "subject": "The user or service account usage is charged to (one subject token).",
     "reason": "Why the message was refused.",
+    "scope": "`subject` or `group` (a `per: group` pool).",
+    "target": "The subject, or the group, the grant is for (one subject token).",
 }
 
 

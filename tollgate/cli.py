@@ -9,6 +9,7 @@ try:
     from tollgate.commands import (
         docs,
         explain,
+        grant,
         meter,
         natsconfig,
         quota,
@@ -27,7 +28,9 @@ app = typer.Typer(
     add_completion=False,
     help="Tollgate: meter usage on shared compute, keep an auditable ledger, enforce quotas.",
 )
-for module in (up, services, run, token, replay, quota, explain, meter, report, docs, natsconfig):
+for module in (
+    up, services, run, token, replay, quota, explain, grant, meter, report, docs, natsconfig,
+):  # fmt: skip
     module.register(app)
 
 

@@ -27,7 +27,18 @@ from .limits import BodyLimit
 from .metrics import RequestMetrics
 from .options import ApiOptions, options_from_environment
 from .ratelimit import RateLimiter
-from .routes import audit, health, metrics, quotas, reports, spawn, usage, web, workloads
+from .routes import (
+    audit,
+    grants,
+    health,
+    metrics,
+    quotas,
+    reports,
+    spawn,
+    usage,
+    web,
+    workloads,
+)
 
 DESCRIPTION = """Usage and quotas of Tollgate subjects.
 
@@ -79,7 +90,9 @@ def create_app(
     errors.install(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)
-    for module in (health, metrics, web, usage, quotas, workloads, spawn, reports, audit):
+    for module in (
+        health, metrics, web, usage, quotas, grants, workloads, spawn, reports, audit,
+    ):  # fmt: skip
         app.include_router(module.router)
     return app
 

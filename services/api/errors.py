@@ -11,6 +11,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from contracts.errors import printable
 
@@ -91,8 +92,33 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's answer, except that a 405 lists the methods of every route on the path
+    (it lists only those of the first route that matched, e.g. POST but not GET)."""
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        methods = [
+            m
+            for m in _METHODS
+            if any(
+                r.matches({**request.scope, "method": m})[0] is Match.FULL
+                for r in request.app.router.routes
+            )
+        ]
+        if methods:
+            headers["Allow"] = ", ".join(methods)
+    return await http_exception_handler(request, StarletteHTTPException(
+        exc.status_code, exc.detail, headers
+    ))  # fmt: skip
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for exc_type in UNAVAILABLE:

@@ -42,6 +42,24 @@ def parse_duration(value: str | int | timedelta) -> timedelta:
     return timedelta(seconds=int(m[1]) * _SECONDS[m[2]])
 
 
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_fraction(value: Any) -> Decimal:
+    """A grace allowance: '10%' or a fraction such as 0.1, between 0 and 10 (1000%)."""
+    if isinstance(value, Decimal):
+        fraction = value
+    elif isinstance(value, str) and (m := _PERCENT.match(value)):
+        fraction = Decimal(m[1]) / 100
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        fraction = Decimal(str(value))
+    else:
+        raise ValueError(f"{value!r} is not a grace allowance; write a percentage such as '10%'")
+    if not 0 <= fraction <= 10:
+        raise ValueError(f"grace must be between 0% and 1000%, got {fraction:%}")
+    return fraction.normalize()
+
+
 Enforcement = Literal["spawn", "terminate"]
 
 
@@ -147,7 +165,18 @@ class QuotaRule(_Strict):
     enforce: list[Enforcement] = Field(default_factory=lambda: list[Enforcement](["spawn"]))
     warn_at: list[Decimal] = Field(default_factory=list)
     termination: Termination = Field(default_factory=Termination)
+    mode: Literal["hard", "soft"] = Field(
+        default="hard", description="soft: warn and report past the limit, never deny or terminate"
+    )
+    grace: Decimal = Field(
+        default=Decimal(0), description="deny and terminate only past limit x (1 + grace)"
+    )
     _amount: Amount = PrivateAttr()
+
+    @field_validator("grace", mode="before")
+    @classmethod
+    def _percent(cls, v: Any) -> Any:
+        return parse_fraction(v)
 
     @field_validator("metric")
     @classmethod
@@ -183,6 +212,11 @@ class QuotaRule(_Strict):
             raise ValueError(
                 "per: group shares one pool among a group's members; "
                 "name the groups in applies_to: {groups: [...]}"
+            )
+        if self.mode == "soft" and self.grace:
+            raise ValueError(
+                "grace has no effect on a soft quota (a soft quota never denies or terminates); "
+                "drop grace, or say mode: hard"
             )
         if self.per == "workload" and "spawn" in self.enforce:
             raise ValueError(

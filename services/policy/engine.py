@@ -16,7 +16,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from .config import Reissue
-from .domain import Standing, retry_at
+from .domain import Standing, retry_at, unblock_at
 from .reissue import Attempt, attempt_id
 from .reissue import due as next_due
 from .workloads import Workload
@@ -72,6 +72,7 @@ class Unblock:
     subject: str
     quota: str
     why: str
+    standing: Standing | None = None  # how the quota stands now, when it still applies
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,20 @@ def _episode(
     return False, current
 
 
+def key_of(marks: Mapping[MarkKey, Mark], subject: str, quota: str) -> bool:
+    """Whether a spawn block of `quota` is open for `subject`."""
+    return MarkKey(subject, quota, "", BLOCK) in marks
+
+
+def _why_unblocked(s: Standing) -> str:
+    q = s.quota
+    if not q.hard:
+        return "the quota is soft now"
+    if q.grants and s.used >= q.base_limit * (1 + q.grace):
+        return "a grant raised the limit"
+    return "back under the limit"
+
+
 def decide(
     subject: str,
     standings: Sequence[Standing],
@@ -168,18 +183,24 @@ def decide(
                 plan.actions.append(Exceeded(subject, s, retry_at(q, s.used, s.buckets, now)))
             elif opened and not s.exceeded:
                 plan.actions.append(Warn(subject, s, Decimal(kind.split(":", 1)[1])))
-        if "spawn" in q.enforce and q.per != "workload":
+        if (
+            "spawn" in q.enforce
+            and q.per != "workload"
+            and (q.hard or key_of(marks, subject, q.name))
+        ):
+            # Blocks follow the enforced limit (limit plus grace) of hard quotas; a quota
+            # made soft while it blocked lets its block go.
             key = MarkKey(subject, q.name, "", BLOCK)
             seen.add(key)
-            until = retry_at(q, s.used, s.buckets, now) if s.exceeded else None
-            opened, current = _episode(plan, marks, key, s.period, s.exceeded, until)
-            if opened or (current is not None and s.exceeded and current.until != until):
+            until = unblock_at(q, s.used, s.buckets, now) if s.breached else None
+            opened, current = _episode(plan, marks, key, s.period, s.breached, until)
+            if opened or (current is not None and s.breached and current.until != until):
                 if not opened:
                     plan.opened.append(Mark(key, s.period, until))
                 plan.actions.append(Block(subject, s, until))
             elif key in plan.closed:
-                plan.actions.append(Unblock(subject, q.name, "back under the limit"))
-        if "terminate" in q.enforce and s.exceeded:
+                plan.actions.append(Unblock(subject, q.name, _why_unblocked(s), s))
+        if "terminate" in q.enforce and s.breached:
             targets = [w for w in running if s.workload in (None, w.workload)]
             for w in targets:
                 cid = command_id(q.name, subject, s.period, w.workload)

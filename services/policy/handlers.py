@@ -23,6 +23,7 @@ from .config import PolicyConfig
 from .domain import RESERVABLE, decide_spawn, need_of
 from .journal import DecisionJournal
 from .live import LiveState
+from .orders import quota_inputs
 from .records import DecisionRecord
 from .reservations import hold
 from .standings import Ask, display_standings, resolve_groups, standings_for
@@ -143,6 +144,7 @@ class SpawnChecker:
                             "period": s.period,
                             "workload": s.workload,
                             "enforce": sorted(s.quota.enforce),
+                            **quota_inputs(s.quota),
                         }
                         for s in standings
                     ],

@@ -18,6 +18,7 @@ from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 from . import metrics
 from .config import PolicyConfig
 from .engine import Mark, MarkKey
+from .grants import GrantBook
 from .reissue import Attempt
 from .reservations import ReservationBook
 from .source import ConfigSource
@@ -80,6 +81,7 @@ class LiveState:
     usage: UsageState | None = None  # None until the first snapshot has loaded
     book: WorkloadBook = field(default_factory=WorkloadBook)
     holds: ReservationBook = field(default_factory=ReservationBook)
+    grants: GrantBook = field(default_factory=GrantBook)
     marks: dict[str, dict[MarkKey, Mark]] = field(default_factory=dict)
     sent: set[str] = field(default_factory=set)
     dirty: set[str] = field(default_factory=set)
@@ -99,7 +101,7 @@ class LiveState:
         assert self.usage is not None, "usage state not loaded yet"
         return View(
             config or self.config.current(), self.usage, self.book, self.holds,
-            now or self.clock(), self.max_skew,
+            now or self.clock(), max_skew=self.max_skew, grants=self.grants,
         )  # fmt: skip
 
     def staleness(self, now: datetime) -> timedelta | None:

@@ -13,9 +13,10 @@ import asyncpg
 from contracts.spawn import QuotaStatus
 from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 
-from . import store
+from . import grantstore, store
 from .config import PolicyConfig
 from .domain import EffectiveQuota, effective_quotas, status, window_start
+from .grants import GrantBook
 from .windows import reads_until
 
 
@@ -80,7 +81,9 @@ async def subject_quotas(
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
         reported = tuple(groups) or await store.reported_groups(conn, subject)
         resolved = config.groups_of(subject, reported)
-        quotas = effective_quotas(config, subject, resolved)
+        book = GrantBook()
+        book.apply(await grantstore.for_targets(conn, subject, resolved))
+        quotas = effective_quotas(config, subject, resolved, book, now)
         as_of_seq, as_of = await store.ledger_head(conn)
         specs = [
             store.TotalSpec(
@@ -98,7 +101,7 @@ async def subject_quotas(
             # Per workload: the most-used workload is the one closest to its limit.
             workload, used = max(totals.items(), key=lambda t: t[1], default=(None, Decimal(0)))
             buckets: list[tuple[datetime, Decimal]] = []
-            if used >= q.limit and q.window.rolling is not None:
+            if used >= q.limit and q.window.rolling is not None:  # retry_at needs the hours
                 buckets = await _buckets(conn, q, spec.subjects, workload if spec.per_workload
                                          else None, spec)  # fmt: skip
             statuses.append(status(q, used, buckets, now))

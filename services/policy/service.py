@@ -17,6 +17,7 @@ from . import records, roster, store
 from .config import PolicyConfig
 from .enforcer import Enforcer
 from .feed import UsageFollower
+from .grantfeed import GrantFollower
 from .handlers import SpawnChecker
 from .journal import UNAVAILABLE, DecisionJournal
 from .lifecycle import WorkloadFollower
@@ -66,6 +67,7 @@ class PolicyService:
             nc, pool, self.live, prefix, durable=f"policy-workloads{suffix}"
         )
         self.enforcer = Enforcer(nc, pool, self.live, prefix, sweep_every, owns=self.owns)
+        self.grants = GrantFollower(nc, pool, self.live, prefix, poll_every=sweep_every)
         self.ready = asyncio.Event()
         self._loaded_horizon = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -81,6 +83,7 @@ class PolicyService:
             live.attempts = await records.load_attempts(conn, now - SENT_MEMORY)
             holds = await records.load_holds(conn, now)
         await self.workloads.catch_up()
+        await self.grants.start()
         # The feed's consumer exists before the snapshot, so nothing falls between them.
         await self.usage.ensure_subscribed()
         await self.resync()
@@ -137,6 +140,7 @@ class PolicyService:
             asyncio.create_task(self.usage.watch(stop), name="policy-ledger-watch"),
             asyncio.create_task(self.workloads.run(stop), name="policy-workloads"),
             asyncio.create_task(self.enforcer.run(stop), name="policy-enforcer"),
+            asyncio.create_task(self.grants.run(stop), name="policy-grants"),
             asyncio.create_task(self.journal.run(stop), name="policy-journal"),
         ]
         try:

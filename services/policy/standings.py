@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
@@ -12,6 +12,7 @@ from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 
 from .config import PolicyConfig
 from .domain import EffectiveQuota, Standing, effective_quotas, need_of
+from .grants import GrantBook
 from .reservations import ReservationBook
 from .usage import ZERO, Buckets, UsageState
 from .windows import (
@@ -44,6 +45,7 @@ class View:
     holds: ReservationBook
     now: datetime
     max_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW  # the ledger's clock-skew tolerance
+    grants: GrantBook = field(default_factory=GrantBook)
 
     @property
     def until(self) -> datetime:
@@ -92,7 +94,7 @@ def subject_standing(
     used = sum((b.used_between(start, view.until) for b in series), ZERO)
     reserved = view.holds.reserved(who, quota.metric, view.now)
     need = ZERO if ask is None else need_of(quota.metric, ask.resources, ask.seconds)
-    short = used >= quota.limit or used + reserved + need > quota.limit
+    short = used >= quota.limit or used + reserved + need > quota.enforced_limit
     return Standing(
         quota=quota,
         used=used,
@@ -143,7 +145,7 @@ def standings_for(
     workloads = (
         running if running is not None else view.book.running_for(subject, view.usage, view.now)
     )
-    for quota in effective_quotas(view.config, subject, groups):
+    for quota in effective_quotas(view.config, subject, groups, view.grants, view.now):
         if quota.per == "workload":
             found = [workload_standing(view, quota, w) for w in workloads]
             # Shown even with nothing running, so people see the quota exists.

@@ -137,6 +137,8 @@ def render(row: asyncpg.Record, attempts: list[asyncpg.Record] | None = None) ->
                 q.get("period", ""), _in_unit(q, "used"), _in_unit(q, "limit"),
             )  # fmt: skip
         console.print(table)
+    for q in quotas:
+        _limit_detail(console, q)
     if inputs.get("retry_at"):
         console.print(f"  quota returns    {_when(inputs['retry_at'])}")
     if row["nats_subject"]:
@@ -164,6 +166,27 @@ def _repeats(console: Console, row: asyncpg.Record, attempts: list[asyncpg.Recor
             a["host"] or "", _when(a["usage_until"]) if a["usage_until"] else "-",
         )  # fmt: skip
     console.print(table)
+
+
+def _limit_detail(console: Console, q: dict[str, Any]) -> None:
+    """What a quota's limit was made of: configured limit, grace, soft mode, grants."""
+    name = q.get("name") or ", ".join(q.get("rules") or [])
+    if q.get("mode") == "soft":
+        console.print(f"  {name}: soft limit, reported and never enforced")
+    elif q.get("grace") not in (None, "0", 0):
+        console.print(
+            f"  {name}: {Decimal(str(q['grace'])):%} grace, enforced from "
+            f"{_in_unit(q, 'enforced_limit')}"
+        )
+    for g in q.get("grants") or []:
+        amount = _in_unit({**q, "amount": g["amount"]}, "amount")
+        console.print(
+            f"  {name}: limit {_in_unit(q, 'base_limit')} + grant {g['grant_id']} of {amount} "
+            f"until {_when(g['expires_at'])} (by {g['granted_by']})"
+        )
+    for g in q.get("lapsed_grants") or []:
+        ended = "revoked " + _when(g["revoked_at"]) if g.get("revoked_at") else "expired"
+        console.print(f"  {name}: grant {g['grant_id']} no longer counts ({ended})")
 
 
 async def explain_text(pool: asyncpg.Pool, decision_id: str) -> str:

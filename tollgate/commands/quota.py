@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from contracts.spawn import QuotaStatus
 from services.policy.config import ConfigError, PolicyConfig, load_config, parse_config
 from services.policy.quotas import SubjectQuotas, subject_quotas
 from services.policy.units import format_number
@@ -78,9 +79,23 @@ def render(subject: str, found: SubjectQuotas, where: str, blocks: list[asyncpg.
         f"groups: {', '.join(found.groups) or '(none)'} · quotas from {where} · usage as of "
         f"ledger seq {found.as_of_seq} ({as_of})"
         + "".join(f"\nspawns blocked by {b['quota']} until {_when(b['until'])}" for b in blocks)
+        + "".join(_limit_lines(st) for st in found.statuses)
     )
     table.caption_justify = "left"
     return table
+
+
+def _limit_lines(st: QuotaStatus) -> str:
+    """Grants in a quota's limit, and what being over it means (grace, soft)."""
+    unit = f" {st.unit}" if st.unit else ""
+    out = "".join(
+        f"\n{st.name}: includes grant {g.grant_id} of {format_number(g.amount)}{unit} "
+        f"until {_when(g.expires_at)}"
+        for g in st.grants
+    )
+    if st.note:
+        out += f"\n{st.name}: {st.note}"
+    return out
 
 
 def quota(

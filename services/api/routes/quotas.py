@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from ..auth import CurrentUser, ReadableSubject
 from ..deps import ClockDep, ConfigDep, MaxSkewDep, PoolDep
-from ..models import QuotaPublic, QuotasPublic
+from ..models import QuotaPublic, QuotasPublic, limit_detail
 from ..subjects import quotas_of
 
 router = APIRouter(tags=["quotas"])
@@ -48,6 +48,7 @@ async def get_quotas(
                 retry_at=st.retry_at,
                 enforce=st.enforce,
                 warn_at=list(q.warn_at),
+                **limit_detail(st),
             )
             for q, st in zip(found.quotas, found.statuses, strict=True)
         ],

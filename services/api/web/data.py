@@ -21,7 +21,7 @@ from ..store import usage_totals
 from ..subjects import quotas_of
 from ..tokens import Principal
 from .chart import Bucket, bar_chart
-from .subject import ChartView, EventView, QuotaView, SubjectPage, WorkloadView
+from .subject import ChartView, EventView, GrantLine, QuotaView, SubjectPage, WorkloadView
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
@@ -122,6 +122,11 @@ async def gather(
                 retry_at=st.retry_at,
                 enforce=st.enforce,
                 warn_at=q.warn_at,
+                mode=st.mode,
+                note=st.note,
+                enforced=st.enforced,
+                base_limit=st.base_limit,
+                grants=[GrantLine(g.grant_id, g.amount, g.expires_at, g.scope) for g in st.grants],
             )
             for q, st in zip(found.quotas, found.statuses, strict=True)
         ],

@@ -41,6 +41,21 @@ class QuotaView:
     retry_at: datetime | None
     enforce: Sequence[str]
     warn_at: Sequence[Decimal]
+    mode: str = "hard"
+    note: str | None = None  # e.g. 'over by 0.3 GiB·h, within grace (...)'
+    enforced: bool = False
+    base_limit: Decimal | None = None
+    grants: Sequence[GrantLine] = ()
+
+
+@dataclass(frozen=True)
+class GrantLine:
+    """A grant included in a quota's limit, as the card shows it."""
+
+    grant_id: str
+    amount: Decimal
+    expires_at: datetime
+    scope: str = "subject"
 
 
 @dataclass(frozen=True)
@@ -109,6 +124,9 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
     else:
         foot = f"{format_number(q.remaining)}{unit} left"
     enforce = ", ".join(q.enforce) or "report only"
+    enforced_on = f"enforced on {e(enforce)}"
+    if q.mode == "soft":
+        enforced_on = "soft limit: reported, never enforced"
     returns = ""
     if q.retry_at is not None:
         returns = (
@@ -121,7 +139,8 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
         f'<article class="card quota {e(q.state)}" data-quota="{e(q.name)}" '
         f'data-state="{e(q.state)}">'
         f'<div class="head"><span class="name">{e(q.name)}</span>'
-        f'<span class="pill {e(q.state)}">{STATE_TEXT.get(q.state, e(q.state))}</span></div>'
+        f'<span class="pill {e(q.state)}">{STATE_TEXT.get(q.state, e(q.state))}</span>'
+        f"{_mode_pill(q)}</div>"
         f'<div class="what">{e(q.metric)} · {e(q.window_text)}</div>'
         f'<div class="numbers"><span class="used">{format_number(q.used)}'
         f"<small> of {format_number(q.limit)}{unit}</small></span>"
@@ -129,8 +148,36 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
         '<svg class="bar" viewBox="0 0 100 8" preserveAspectRatio="none" role="img" '
         f'aria-label="{pct:.0f}% used"><rect class="track" width="100" height="8" rx="4"/>'
         f'<rect class="fill" width="{fill:.2f}" height="8" rx="4"/>{ticks}</svg>'
-        f'<div class="foot">{foot} · enforced on {e(enforce)}</div>{returns}</article>'
+        f'<div class="foot">{foot} · {enforced_on}</div>{_limit_lines(q, unit, now)}{returns}'
+        "</article>"
     )
+
+
+def _limit_lines(q: QuotaView, unit: str, now: datetime) -> str:
+    """Grants in the limit, and what being over means (grace, soft)."""
+    out = ""
+    if q.note:
+        out += f'<div class="note" data-enforced="{str(q.enforced).lower()}">{e(q.note)}</div>'
+    for g in q.grants:
+        pool = " for the group pool" if g.scope == "group" else ""
+        out += (
+            f'<div class="grant" data-grant="{e(g.grant_id)}">Includes grant {e(g.grant_id)}'
+            f"{pool}: +{format_number(g.amount)}{unit} until {when(g.expires_at)} "
+            f"(in {span(g.expires_at - now)})</div>"
+        )
+    if q.grants and q.base_limit is not None:
+        out += (
+            f'<div class="muted small">Configured limit {format_number(q.base_limit)}{unit}</div>'
+        )
+    return out
+
+
+def _mode_pill(q: QuotaView) -> str:
+    if q.mode == "soft":
+        return '<span class="pill">Soft</span>'
+    if q.state == "exceeded" and not q.enforced:
+        return '<span class="pill warning">Within grace</span>'
+    return ""
 
 
 def _chart_card(c: ChartView) -> str:
