@@ -9,6 +9,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, PlainSerializer
+from pydantic_core import PydanticCustomError
 
 DEFAULT_PREFIX = "tollgate"
 VERSION = "v1"
@@ -17,7 +18,17 @@ VERSION = "v1"
 METRIC_RE = re.compile(r"^[a-z][a-z0-9_]*(\.[a-z0-9_]+)+$")
 PREFIX_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _TOKEN_SAFE = re.compile(r"[A-Za-z0-9_\-@+=]")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# C0 and C1 controls, DEL, the Unicode line and paragraph separators, and U+FFFD (what a
+# decoder leaves of bytes that were not UTF-8): none can be part of a name a person reads.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\ufffd]")
+# A lone surrogate is text no encoder (UTF-8, Postgres, NATS) can carry.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_TOKEN_HEX = re.compile(r"%([0-9A-F]{2})")
+MAX_NAME = 200
+MAX_TEXT = 200
+# Label keys are identifiers, like the words of a metric name.
+LABEL_KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]{0,63}$")
+MAX_LABELS = 32
 MAX_FRACTION_DIGITS = 6
 # NUMERIC(38, 6) in the ledger: 32 integer digits.
 MAX_AMOUNT = Decimal(10) ** 32
@@ -119,16 +130,53 @@ _GOOD_METRICS: set[str] = set()
 _REMEMBER = 100_000
 
 
+def name_problem(value: str) -> str | None:
+    """Why `value` cannot be a name (subject, workload, host, group), or None."""
+    if not value or len(value) > MAX_NAME:
+        return f"must be 1 to {MAX_NAME} characters (got {len(value)})"
+    if _SURROGATE.search(value):
+        return "must be valid Unicode (it holds a lone surrogate, which no encoder can carry)"
+    if _CONTROL.search(value):
+        return "must not contain control characters (newlines, tabs, NUL, escapes)"
+    if value != value.strip():
+        return "must not start or end with whitespace"
+    return None
+
+
 def _check_name(value: str) -> str:
     if value in _GOOD_NAMES:
         return value
-    if not value or len(value) > 200:
-        raise ValueError("must be 1 to 200 characters")
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters")
+    problem = name_problem(value)
+    if problem is not None:
+        # A type of its own, so the edges can tell a bad name (`invalid_name`) from the rest.
+        raise PydanticCustomError("invalid_name", problem)
     if len(_GOOD_NAMES) >= _REMEMBER:
         _GOOD_NAMES.clear()
     _GOOD_NAMES.add(value)
+    return value
+
+
+def _check_text(value: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise ValueError(f"must be at most {MAX_TEXT} characters (got {len(value)})")
+    if _SURROGATE.search(value):
+        raise ValueError("must be valid Unicode (it holds a lone surrogate)")
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (newlines, tabs, NUL, escapes)")
+    return value
+
+
+def _check_labels(value: dict[str, str]) -> dict[str, str]:
+    if len(value) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels (got {len(value)})")
+    for key in value:
+        if not LABEL_KEY_RE.match(key):
+            raise PydanticCustomError(
+                "invalid_name",
+                "label key {key} is not an identifier: a letter or '_', then letters, digits, "
+                "'_', '.' or '-', at most 64 characters",
+                {"key": repr(key[:80])},
+            )
     return value
 
 
@@ -157,6 +205,13 @@ def _check_quota_metric(value: str) -> str:
 
 
 Name = Annotated[str, AfterValidator(_check_name)]
+"""A subject, workload, host or group: 1-200 characters of valid Unicode without control
+characters or surrounding whitespace. Anything else ('.', '*', '>', '@', '/', spaces, any
+script) is allowed, and travels %-encoded when it is a subject token (`encode_token`)."""
+Text = Annotated[str, AfterValidator(_check_text)]
+"""Free text stored and shown (a GPU model, a label value): short, printable, valid Unicode."""
+Labels = Annotated[dict[str, Text], AfterValidator(_check_labels)]
+"""Series labels: identifier keys, short printable values."""
 MetricName = Annotated[str, AfterValidator(_check_metric)]
 # What a quota limits: a metric, or "cost" (a budget in money over every priced metric).
 QuotaMetric = Annotated[str, AfterValidator(_check_quota_metric)]
@@ -179,17 +234,30 @@ def encode_token(value: str) -> str:
 
 
 def decode_token(token: str) -> str:
-    """Inverse of `encode_token`."""
+    """Inverse of `encode_token`; ValueError for a token `encode_token` cannot have written.
+
+    Only the one canonical spelling decodes: `john%2edoe` or `%41` are refused rather than
+    taken for `john.doe` or `A`, so a name has exactly one subject token.
+    """
     raw = bytearray()
     i = 0
     while i < len(token):
-        if token[i] == "%" and i + 3 <= len(token):
-            raw.append(int(token[i + 1 : i + 3], 16))
+        if token[i] == "%":
+            escape = _TOKEN_HEX.match(token, i)
+            if escape is None:
+                raise ValueError(f"{token!r} has a '%' not followed by two upper-case hex digits")
+            raw.append(int(escape.group(1), 16))
             i += 3
         else:
-            raw.extend(token[i].encode())
+            raw.extend(token[i].encode("utf-8", "surrogatepass"))
             i += 1
-    return raw.decode()
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise ValueError(f"{token!r} does not decode to UTF-8 text") from None
+    if encode_token(name) != token:
+        raise ValueError(f"{token!r} is not how {name!r} is spelled as a subject token")
+    return name
 
 
 def check_prefix(prefix: str) -> str:
@@ -231,6 +299,8 @@ def parse_json(body: bytes) -> dict[str, Any]:
         data = json.loads(body, parse_float=Decimal, parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PayloadError(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise PayloadError("body is nested too deeply to be a Tollgate message") from None
     if not isinstance(data, dict):
         raise PayloadError(f"body must be a JSON object, got {type(data).__name__}")
     return data

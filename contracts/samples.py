@@ -10,6 +10,7 @@ from ._base import (
     DEFAULT_PREFIX,
     Amount,
     Contract,
+    Labels,
     MetricName,
     Name,
     UtcDatetime,
@@ -49,7 +50,7 @@ class CounterSample(Contract):
     workload: Name
     metric: MetricName
     value: Amount
-    labels: dict[str, str] = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _bytes_are_integers(self) -> CounterSample:

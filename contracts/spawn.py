@@ -19,15 +19,35 @@ class SpawnRequest(Contract):
 
     schema_: Literal["tollgate.spawn_request.v1"] = Field(default=REQUEST_SCHEMA, alias="schema")
     subject: Name
-    groups: list[str] = Field(default_factory=list, max_length=100)
+    groups: list[Name] = Field(default_factory=list, max_length=100)
     workload: Name | None = None
     host: Name | None = None
     resources: Resources = Field(default_factory=Resources)
-    expected_seconds: Decimal = Field(default=Decimal(3600), ge=0, le=10**9)
+    expected_seconds: Decimal = Field(
+        default=Decimal(3600),
+        ge=0,
+        le=10**9,
+        decimal_places=6,
+        description="how long the workload will run; 0 reserves nothing for it",
+    )
+
+
+class QuotaGrant(Contract):
+    """A grant raising a quota's limit, in the quota's unit (SPEC addition)."""
+
+    grant_id: str
+    amount: DecimalText
+    expires_at: UtcDatetime
+    scope: Literal["subject", "group"] = "subject"
 
 
 class QuotaStatus(Contract):
-    """One quota as it stands for one subject."""
+    """One quota as it stands for one subject.
+
+    `state` keeps the SPEC's three values (exceeded = at or over `limit`); the fields after
+    `reserved` are additions: whether being over is enforced now (`enforced`), the grace
+    still left before it is, soft mode, and the grants included in `limit`.
+    """
 
     name: str
     metric: str
@@ -50,6 +70,26 @@ class QuotaStatus(Contract):
             "already used up, or the instant lies beyond the window's end"
         ),
     )
+    mode: Literal["hard", "soft"] = Field(
+        default="hard", description="soft: over the limit is reported, never denied or terminated"
+    )
+    grace: DecimalText = Field(default=Decimal(0), description="fraction allowed over the limit")
+    enforced_limit: DecimalText | None = Field(
+        default=None, description="limit x (1 + grace): where denial and termination start; "
+        "null for a soft quota",
+    )  # fmt: skip
+    enforced: bool = Field(
+        default=False, description="true when spawns are denied / workloads terminated by it now"
+    )
+    grace_remaining: DecimalText | None = Field(
+        default=None, description="how much more may be used before the grace runs out"
+    )
+    note: str | None = Field(
+        default=None, description="what being over means, e.g. 'over by 0.3 GiB·h, within grace'"
+    )
+    base_limit: DecimalText | None = Field(default=None, description="the limit before grants")
+    granted: DecimalText = Field(default=Decimal(0), description="active grants, in `limit`")
+    grants: list[QuotaGrant] = Field(default_factory=list)
 
 
 class SpawnDecision(Contract):

@@ -35,13 +35,24 @@ class UsageRecorded(Contract):
     metric: MetricName
     delta: DecimalText
     window_start: datetime | None = Field(
-        default=None, description="sampled_at of the reading this delta starts from"
+        default=None, description="where the reading this delta starts from was placed"
     )
     window_end: UtcDatetime
     reset: bool = False
     batch_hash: str
     labels: dict[str, str] = Field(
         default_factory=dict, description="the sample's labels, e.g. gpu_model (prices use it)"
+    )
+    received_at: UtcDatetime | None = Field(
+        default=None, description="when JetStream stored the sample (events since 0004)"
+    )
+    sampled_at: UtcDatetime | None = Field(
+        default=None, description="the sample's sampled_at as its host reported it"
+    )
+    clock_skew_seconds: DecimalText | None = Field(
+        default=None,
+        description="sampled_at - received_at in seconds, set only when beyond the ledger's "
+        "clock-skew tolerance: window_end is then the clamped time, not sampled_at",
     )
 
 

@@ -7,7 +7,16 @@ from typing import Final, Literal
 
 from pydantic import Field
 
-from ._base import DEFAULT_PREFIX, Contract, Name, UtcDatetime, encode_token, stream_of, subject_of
+from ._base import (
+    DEFAULT_PREFIX,
+    Contract,
+    Name,
+    Text,
+    UtcDatetime,
+    encode_token,
+    stream_of,
+    subject_of,
+)
 
 STARTED_SCHEMA: Final = "tollgate.workload_started.v1"
 STOPPED_SCHEMA: Final = "tollgate.workload_stopped.v1"
@@ -16,10 +25,10 @@ STOPPED_SCHEMA: Final = "tollgate.workload_stopped.v1"
 class Resources(Contract):
     """What a workload was given (or asks for)."""
 
-    cpus: Decimal = Field(default=Decimal(0), ge=0, le=100_000)
+    cpus: Decimal = Field(default=Decimal(0), ge=0, le=100_000, decimal_places=6)
     mem_bytes: int = Field(default=0, ge=0, le=2**60)
     gpus: int = Field(default=0, ge=0, le=10_000)
-    gpu_model: str | None = Field(default=None, max_length=100)
+    gpu_model: Text | None = Field(default=None, max_length=100)
 
 
 class WorkloadStarted(Contract):
@@ -28,7 +37,7 @@ class WorkloadStarted(Contract):
     schema_: Literal["tollgate.workload_started.v1"] = Field(default=STARTED_SCHEMA, alias="schema")
     workload: Name
     subject: Name
-    groups: list[str] = Field(default_factory=list, max_length=100)
+    groups: list[Name] = Field(default_factory=list, max_length=100)
     host: Name
     resources: Resources = Field(default_factory=Resources)
     started_at: UtcDatetime
@@ -43,7 +52,7 @@ class WorkloadStopped(Contract):
     host: Name | None = None
     stopped_at: UtcDatetime
     exit_status: int | None = None
-    termination_reason: str | None = None
+    termination_reason: Text | None = None
 
 
 def workloads_subject(host: str, prefix: str = DEFAULT_PREFIX) -> str:

@@ -27,6 +27,8 @@ from contracts.commands import (
     unblock_subject,
 )
 from contracts.dlq import DeadLetterReason, dlq_stream, dlq_wildcard
+from contracts.errors import ErrorReply
+from contracts.grants import GrantRecorded, GrantRevoked, grants_subject
 from contracts.quota_events import (
     QuotaExceeded,
     QuotaForecast,
@@ -100,7 +102,9 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "spawn-check",
         SpawnRequest,
         "Request/reply: send a `tollgate.spawn_request.v1`, the reply is a "
-        "`tollgate.spawn_decision.v1` (schema SpawnDecision). Same as POST /v1/spawn-checks.",
+        "`tollgate.spawn_decision.v1` (schema SpawnDecision), or a `tollgate.error.v1` "
+        "(schema ErrorReply) naming the bad field when the request cannot be decided. "
+        "Same as POST /v1/spawn-checks.",
     )
     sends(
         _param(usage_subject, "subject", prefix),
@@ -138,6 +142,17 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "`tollgate.quota_exceeded.v1`, and `tollgate.quota_forecast.v1` when the recent "
         "rate would use the quota up within its window. " + _stored(events_stream(prefix)),
     )
+    sends(
+        grants_subject("SCOPE", "TARGET", prefix)
+        .replace("SCOPE", "{scope}")
+        .replace("TARGET", "{target}"),
+        "grants",
+        GrantRecorded,
+        "Published by the API after a grant (`tollgate.grant_recorded.v1`) or a revocation "
+        "(`tollgate.grant_revoked.v1`) commits to the hash-chained grants record in Postgres; "
+        "the policy reads the record when cued (and polls), so this is a cue, not the record. "
+        "Plain NATS (not stored). SPEC addition.",
+    )
     reasons = ", ".join(f"`{r.value}`" for r in DeadLetterReason)
     broker.publisher(
         dlq_wildcard(prefix).replace("*", "{reason}"),
@@ -158,6 +173,7 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     _add_message(doc, "workloads", WorkloadStopped)
     _add_message(doc, "quota-events", QuotaExceeded)
     _add_message(doc, "quota-events", QuotaForecast)
+    _add_message(doc, "grants", GrantRevoked)
     _add_spawn_reply(doc)
     _add_parameters(doc)
     # FastStream keeps channels in no fixed order; a stable file diffs cleanly.
@@ -194,6 +210,8 @@ _PARAMETERS = {
     "host": "The host's name (one subject token; the meter's TOLLGATE_HOST).",
     "subject": "The user or service account usage is charged to (one subject token).",
     "reason": "Why the message was refused.",
+    "scope": "`subject` or `group` (a `per: group` pool).",
+    "target": "The subject, or the group, the grant is for (one subject token).",
 }
 
 
@@ -211,14 +229,25 @@ def _add_spawn_reply(doc: dict[str, Any]) -> None:
         "title": "spawn-check:Reply",
         "payload": {"$ref": _add_schema(doc, SpawnDecision)},
     }
+    doc["components"]["messages"]["spawn-check:Error"] = {
+        "title": "spawn-check:Error",
+        "summary": "The request could not be decided: `field` names what to fix.",
+        "payload": {"$ref": _add_schema(doc, ErrorReply)},
+    }
     doc["channels"]["spawn-check-reply"] = {
         "address": None,
         "description": "The requester's inbox (the NATS reply subject).",
-        "messages": {"Reply": {"$ref": "#/components/messages/spawn-check:Reply"}},
+        "messages": {
+            "Reply": {"$ref": "#/components/messages/spawn-check:Reply"},
+            "Error": {"$ref": "#/components/messages/spawn-check:Error"},
+        },
     }
     doc["operations"]["spawn-check"]["reply"] = {
         "channel": {"$ref": "#/channels/spawn-check-reply"},
-        "messages": [{"$ref": "#/channels/spawn-check-reply/messages/Reply"}],
+        "messages": [
+            {"$ref": "#/channels/spawn-check-reply/messages/Reply"},
+            {"$ref": "#/channels/spawn-check-reply/messages/Error"},
+        ],
     }
 
 

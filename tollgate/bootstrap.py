@@ -9,6 +9,7 @@ import signal
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+import nats.errors
 from nats.aio.client import Client
 
 from services.ledger.app import LedgerService
@@ -16,11 +17,15 @@ from services.ledger.feed import UsageFeed
 from services.policy.app import SpawnCheckResponder
 from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
-from tollgate.bus import connect, ensure_streams
-from tollgate.db import connect_and_migrate, create_pool, migrate
+from tollgate.bus import close_quietly, connect, ensure_streams
+from tollgate.db import close_pool, connect_and_migrate, create_pool, migrate
 from tollgate.settings import Settings
+from tollgate.tasks import cancel_and_wait, unless_stopped
 
 log = logging.getLogger("tollgate")
+# After a stop, how long services may take to finish their batch before they are cut short
+# (what they held is redelivered): Ctrl-C is answered in seconds whatever the servers do.
+STOP_GRACE = 3.0
 
 
 async def _retry(
@@ -54,7 +59,8 @@ async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Clien
     assert settings.nats_url
     url = settings.nats_url
     seed = settings.nats_nkey_seed_file
-    nc = await _retry("NATS", lambda: connect(url, name, seed), stop)
+    # nats-py retries inside connect while the server is away: only `stop` ends the wait.
+    nc = await unless_stopped(_retry("NATS", lambda: connect(url, name, seed), stop), stop)
     assert isinstance(nc, Client)
     await ensure_streams(
         nc.jetstream(), settings.prefix, settings.duplicate_window_seconds,
@@ -66,22 +72,26 @@ async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Clien
 async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
     """The ledger: samples in, exact usage events out."""
     nc = await open_nats(settings, "tollgate-ledger", stop)
-    pool = await open_pool(settings, stop)
     try:
-        service = LedgerService(
-            nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
-            fetch_timeout=settings.ledger_fetch_timeout,
-            max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
-            partition=settings.partition if settings.partitions > 1 else None,
-        )  # fmt: skip
-        feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
-        log.info("ledger consuming %s samples as consumer %s", settings.prefix, service.consumer)
-        await asyncio.gather(service.run(stop), feed.run(stop, service.committed))
+        pool = await open_pool(settings, stop)
+        try:
+            service = LedgerService(
+                nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
+                fetch_timeout=settings.ledger_fetch_timeout,
+                max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
+                partition=settings.partition if settings.partitions > 1 else None,
+                max_clock_skew=settings.max_clock_skew,
+            )  # fmt: skip
+            feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
+            log.info("ledger consuming %s samples as consumer %s", settings.prefix,
+                     service.consumer)  # fmt: skip
+            await asyncio.gather(service.run(stop), feed.run(stop, service.committed))
+        finally:
+            await close_pool(pool)
     finally:
         # close, not drain: draining a pull subscription waits out nats-py's 30 s timeout,
         # and anything fetched but not committed is simply redelivered.
-        await nc.close()
-        await pool.close()
+        await close_quietly(nc)
 
 
 async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
@@ -94,6 +104,7 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
     service = PolicyService(
         nc, pool, config, settings.prefix,
         partition=settings.partition, partitions=settings.partitions,
+        max_clock_skew=settings.max_clock_skew,
     )  # fmt: skip
     responder = SpawnCheckResponder(nc, settings.prefix, service.checker, service.owns)
 
@@ -114,9 +125,10 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
         )  # fmt: skip
         await service.run(stop)
     finally:
-        await responder.stop()
-        await nc.close()
-        await pool.close()
+        with contextlib.suppress(OSError, nats.errors.Error):  # NATS may be gone by now
+            await responder.stop()
+        await close_quietly(nc)
+        await close_pool(pool)
 
 
 async def run_api(settings: Settings, stop: asyncio.Event) -> None:
@@ -144,12 +156,24 @@ async def run_together(
     settings: Settings, names: list[str], stop: asyncio.Event,
     extra: list[Callable[[asyncio.Event], Awaitable[None]]] | None = None,
 ) -> None:  # fmt: skip
-    """Run several services in one process; if one fails, stop the others and re-raise."""
+    """Run several services in one process; if one fails, stop the others and re-raise.
+
+    Once stopped, a service gets STOP_GRACE seconds to finish, then it is cancelled: a
+    request or publish waiting on a server that is gone must not hold up Ctrl-C.
+    """
     tasks = [asyncio.create_task(SERVICES[n](settings, stop), name=n) for n in names]
     tasks += [asyncio.create_task(fn(stop), name="extra") for fn in extra or []]
     stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-    stop.set()
+    try:
+        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.set()
+        stopper.cancel()
+        _, late = await asyncio.wait(tasks, timeout=STOP_GRACE)
+        for task in late:
+            log.info("%s is still stopping after %.0f s; cutting it short", task.get_name(),
+                     STOP_GRACE)  # fmt: skip
+        await cancel_and_wait(late)
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for task, result in zip(tasks, results, strict=True):
         if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):

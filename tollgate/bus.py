@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 from pathlib import Path
 
+import nats.errors
 import nkeys  # type: ignore[import-untyped]
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -126,7 +128,7 @@ async def connect(url: str, name: str, seed_file: Path | None = None) -> Client:
         log.info("%s: reconnected to NATS", name)
 
     async def _error(exc: Exception) -> None:
-        nonlocal refused, forbidden
+        nonlocal refused, forbidden, down
         if "authorization violation" in str(exc).lower():
             if not refused:  # said once: the client retries every half second
                 refused = True
@@ -138,7 +140,14 @@ async def connect(url: str, name: str, seed_file: Path | None = None) -> Client:
             forbidden = True
             log.log(level, "%s: NATS refused this: %s (%s)", name, exc, _allowed(seed_file))
             return
-        log.log(logging.DEBUG if down else logging.WARNING, "%s: NATS error: %s", name, exc)
+        if isinstance(exc, OSError) and not (down or nc.is_connected or nc.is_closed):
+            # Not there at our first attempt (nats-py retries inside connect): said once.
+            down = True
+            log.warning("%s: cannot reach NATS at %s yet (%s); retrying", name, url, exc)
+            return
+        # An EOF is the server going away: the disconnect callback says so, once.
+        quiet = down or isinstance(exc, nats.errors.UnexpectedEOF)
+        log.log(logging.DEBUG if quiet else logging.WARNING, "%s: NATS error: %s", name, exc)
 
     await nc.connect(
         # A cluster: `nats://a:4222,nats://b:4222,...`; any one of them lets us in.
@@ -152,7 +161,24 @@ async def connect(url: str, name: str, seed_file: Path | None = None) -> Client:
         error_cb=_error,
         **auth,
     )
+    if down:
+        down = False
+        log.info("%s: connected to NATS", name)
     return nc
+
+
+async def close_quietly(nc: Client | None, timeout: float = 2.0) -> None:
+    """Close a connection that may be in any state: connected, reconnecting, server gone.
+
+    nats-py's close flushes what is pending and so raises ConnectionResetError when the
+    server went away meanwhile; at shutdown that is no news, and must not hang or trace.
+    """
+    if nc is None or nc.is_closed:
+        return
+    try:
+        await asyncio.wait_for(nc.close(), timeout)
+    except (TimeoutError, OSError, nats.errors.Error) as exc:
+        log.debug("closing the NATS connection: %s", exc)
 
 
 def stream_configs(

@@ -2,29 +2,35 @@
 
 from __future__ import annotations
 
-import typer
-from pydantic import ValidationError
+try:
+    import typer
+    from pydantic import ValidationError
 
-from tollgate.commands import (
-    docs,
-    explain,
-    meter,
-    natsconfig,
-    quota,
-    replay,
-    report,
-    run,
-    services,
-    token,
-    up,
-)
+    from tollgate.commands import (
+        docs,
+        explain,
+        grant,
+        meter,
+        natsconfig,
+        quota,
+        replay,
+        report,
+        run,
+        services,
+        token,
+        up,
+    )
+except KeyboardInterrupt:  # Ctrl-C while the modules load: a quiet exit, as later on
+    raise SystemExit(130) from None
 
 app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     help="Tollgate: meter usage on shared compute, keep an auditable ledger, enforce quotas.",
 )
-for module in (up, services, run, token, replay, quota, explain, meter, report, docs, natsconfig):
+for module in (
+    up, services, run, token, replay, quota, explain, grant, meter, report, docs, natsconfig,
+):  # fmt: skip
     module.register(app)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -93,6 +94,25 @@ async def create_pool(url: str, *, min_size: int = 1, max_size: int = 10) -> asy
     )
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = 2.0) -> None:
+    """Close a pool at shutdown whatever state Postgres is in; never hangs, never raises.
+
+    A graceful close waits for the server to answer; a server that is down or frozen gets
+    its connections cut instead (what a crash would do: open transactions roll back).
+    """
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except (
+        TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+    ) as exc:  # fmt: skip
+        log.debug("closing the Postgres pool: %s", exc)
+        pool.terminate()
+    except asyncio.CancelledError:
+        pool.terminate()
+        raise
 
 
 async def connect_and_migrate(url: str, *, max_size: int = 10) -> asyncpg.Pool:

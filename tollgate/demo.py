@@ -113,10 +113,11 @@ async def run_fleet(nc: Client, prefix: str, stop: asyncio.Event, interval: floa
 
 
 async def _announce_all(nc: Client, prefix: str, epoch: str, at: datetime, started: bool) -> None:
-    """Every workload still running starts (the demo begins) or stops (the demo ends)."""
+    """Every workload starts (the demo begins: also those the policy terminated in an
+    earlier run, as a host restarting them would) or, if still running, stops (it ends)."""
     for host, workloads in FLEET.items():
         for w in workloads:
-            if w.stopped_by is not None:
+            if not started and w.stopped_by is not None:
                 continue
             event: WorkloadStarted | WorkloadStopped = (
                 _started(host, w, at) if started else WorkloadStopped(
@@ -149,7 +150,8 @@ async def _announce(
 
 
 async def _obey_terminations(nc: Client, prefix: str, epoch: str) -> None:
-    """Stop a simulated workload when the policy orders it, as a real meter agent would."""
+    """Stop a simulated workload when the policy orders it, as a real meter agent would,
+    and report it stopped with the command's reason."""
     by_name = {w.workload: (host, w) for host, workloads in FLEET.items() for w in workloads}
 
     async def on_command(msg: Msg) -> None:

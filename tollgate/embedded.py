@@ -12,7 +12,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -21,67 +20,38 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tollgate.serverprocs import (
+    Abort,
+    CannotRestart,
+    EmbeddedServerError,
+    StartAborted,
+    check_port,
+    free_port,
+    last_error,
+    log_size,
+    never,
+    port_free,
+    stop_leftover,
+    stop_process,
+    wait_for_port,
+)
+
+_wait_for_port = wait_for_port  # the name tests/cluster.py knows it by
+
+__all__ = [
+    "CannotRestart",
+    "EmbeddedNats",
+    "EmbeddedPostgres",
+    "EmbeddedServerError",
+    "StartAborted",
+    "free_port",
+    "nats_server_binary",
+    "port_free",
+]
+
 PG_USER = "postgres"
 # Postgres refuses to run as root; when we are root it runs as this system user.
 PG_SYSTEM_USER = "tollgate-pg"
-
-
-class EmbeddedServerError(RuntimeError):
-    """An embedded server could not be started; the message says where to look."""
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EmbeddedServerError(
-                f"{what} exited with status {proc.returncode} while starting; see {log}"
-            )
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
-            return
-        time.sleep(0.05)
-    raise EmbeddedServerError(f"{what} did not open port {port} within 60 s; see {log}")
-
-
-def _stop(proc: subprocess.Popen[bytes] | None, sig: int, timeout: float) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
-def _stop_leftover(pid_file: Path, name: str, sig: int) -> None:
-    """Stop a server left running by a `tollgate up` that was killed (kill -9, power cut).
-
-    Our servers run in their own session so that Ctrl-C reaches the services first; the
-    price is that they outlive a killed parent and keep their data directory locked.
-    """
-    import psutil
-
-    try:
-        pid = int(pid_file.read_text().split()[0])
-        proc = psutil.Process(pid)
-        if name not in proc.name():
-            return
-    except (OSError, ValueError, IndexError, psutil.Error):
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(30)
-    except psutil.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
 
 
 def nats_server_binary() -> Path:
@@ -106,18 +76,31 @@ class EmbeddedNats:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
+    name = "nats-server"
+    # SIGTERM: finish writes, close clients, exit.
+    stop_signal = signal.SIGTERM
+
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self) -> EmbeddedNats:
+    def start(self, *, restart: bool = False, abort: Abort = never) -> EmbeddedNats:
+        """Start (or, with `restart`, start again on the same port and existing data)."""
         self.data_dir = self.data_dir.resolve()
+        if restart:
+            if not (self.data_dir / "jetstream").is_dir():
+                raise CannotRestart(
+                    f"NATS's data directory {self.data_dir / 'jetstream'} is gone; an empty one "
+                    "would lose the streams and every position in them. Restore it from a "
+                    "backup and run `tollgate up` again."
+                )
+            check_port(self.port, "NATS")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = self.port or free_port()
         conf = self.data_dir / "nats.conf"
         log = self.data_dir / "nats.log"
         pid_file = self.data_dir / "nats.pid"
-        _stop_leftover(pid_file, "nats-server", signal.SIGTERM)
+        stop_leftover(pid_file, "nats-server", signal.SIGTERM)
         conf.write_text(
             "\n".join(
                 [
@@ -134,6 +117,7 @@ class EmbeddedNats:
                 ]
             )
         )
+        since = log_size(log)
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [str(nats_server_binary()), "-c", str(conf)],
@@ -141,15 +125,15 @@ class EmbeddedNats:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        _wait_for_port(self.port, self.proc, "nats-server", log)
+        wait_for_port(self.port, self.proc, "nats-server", log, abort, since)
         return self
 
     def stop(self) -> None:
-        _stop(self.proc, signal.SIGTERM, 15)
+        stop_process(self.proc, self.stop_signal, 15)
 
     def kill(self) -> None:
         """kill -9, for crash tests."""
-        _stop(self.proc, signal.SIGKILL, 5)
+        stop_process(self.proc, signal.SIGKILL, 5)
 
 
 def _pg_bin() -> Path:
@@ -207,6 +191,10 @@ class EmbeddedPostgres:
     def pgdata(self) -> Path:
         return self.data_dir / "pgdata"
 
+    name = "postgres"
+    # SIGINT is Postgres's "fast" shutdown: roll back clients, checkpoint, exit.
+    stop_signal = signal.SIGINT
+
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{PG_USER}@127.0.0.1:{self.port}/{database}"
 
@@ -216,10 +204,18 @@ class EmbeddedPostgres:
         entry = _ensure_system_user()
         return {"user": entry.pw_uid, "group": entry.pw_gid}
 
-    def start(self) -> EmbeddedPostgres:
+    def start(self, *, restart: bool = False, abort: Abort = never) -> EmbeddedPostgres:
+        """Start (or, with `restart`, start again on the same port and existing data)."""
         # Postgres changes into its data directory: every path it is given must be absolute.
         self.data_dir = self.data_dir.resolve()
         bin_dir = _pg_bin()
+        if restart:
+            if not (self.pgdata / "PG_VERSION").exists():
+                raise CannotRestart(
+                    f"Postgres's data directory {self.pgdata} is gone; a new empty database "
+                    "would lose the ledger. Restore it from a backup and run `tollgate up` again."
+                )
+            check_port(self.port, "Postgres")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         as_user = self._run_as()
         if as_user:
@@ -227,7 +223,7 @@ class EmbeddedPostgres:
             _open_path_to(self.data_dir)
             os.chown(self.data_dir, as_user["user"], as_user["group"])
         log = self.data_dir / "postgres.log"
-        _stop_leftover(self.pgdata / "postmaster.pid", "postgres", signal.SIGINT)
+        stop_leftover(self.pgdata / "postmaster.pid", "postgres", signal.SIGINT)
         if not (self.pgdata / "PG_VERSION").exists():
             init = subprocess.run(
                 [
@@ -248,6 +244,7 @@ class EmbeddedPostgres:
                     f"initdb failed for {self.pgdata}:\n{init.stderr.decode()[-2000:]}"
                 )
         self.port = self.port or free_port()
+        since = log_size(log)
         with open(log, "ab") as out:
             if as_user:
                 os.chown(log, as_user["user"], as_user["group"])
@@ -275,13 +272,16 @@ class EmbeddedPostgres:
                 start_new_session=True,
                 **as_user,  # type: ignore[arg-type]
             )
-        _wait_for_port(self.port, self.proc, "postgres", log)
-        self._wait_ready(bin_dir, log)
+        wait_for_port(self.port, self.proc, "postgres", log, abort, since)
+        self._wait_ready(bin_dir, log, abort, since)
         return self
 
-    def _wait_ready(self, bin_dir: Path, log: Path) -> None:
+    def _wait_ready(self, bin_dir: Path, log: Path, abort: Abort, since: int) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            if abort():
+                stop_process(self.proc, signal.SIGKILL, 5)
+                raise StartAborted("stopped while postgres was starting")
             ok = subprocess.run(
                 [
                     str(bin_dir / "pg_isready"),
@@ -299,10 +299,11 @@ class EmbeddedPostgres:
                 return
             assert self.proc is not None
             if self.proc.poll() is not None:
-                raise EmbeddedServerError(f"postgres exited while starting; see {log}")
+                raise EmbeddedServerError(
+                    f"postgres exited while starting{last_error(log, since)} (log: {log})"
+                )
             time.sleep(0.1)
         raise EmbeddedServerError(f"postgres did not become ready within 60 s; see {log}")
 
     def stop(self) -> None:
-        # SIGINT is Postgres's "fast" shutdown: roll back clients, checkpoint, exit.
-        _stop(self.proc, signal.SIGINT, 30)
+        stop_process(self.proc, self.stop_signal, 30)

@@ -27,6 +27,7 @@ from enum import StrEnum
 from contracts._base import check_prefix, encode_token, subject_of
 from contracts.commands import commands_stream, commands_wildcard, terminate_subject
 from contracts.dlq import dlq_stream, dlq_wildcard
+from contracts.grants import grants_wildcard
 from contracts.quota_events import events_stream, events_wildcard
 from contracts.samples import samples_stream, samples_subject
 from contracts.spawn import spawn_check_subject
@@ -254,13 +255,15 @@ def _policy(prefix: str, own_inbox: str) -> Permissions:
         events_wildcard(prefix),
         forwarded,
     ]
-    subscribe = [spawn_check_subject(prefix), forwarded, own_inbox]
+    # Grant records are cues from the API to read the grants record.
+    subscribe = [spawn_check_subject(prefix), forwarded, grants_wildcard(prefix), own_inbox]
     return Permissions(tuple(publish), tuple(subscribe), allow_responses=True)
 
 
 def _api(prefix: str, own_inbox: str) -> Permissions:
     publish = [
         spawn_check_subject(prefix),
+        grants_wildcard(prefix),  # a grant or revocation committed: cue the policy
         # /metrics: the ledger consumers' backlog and the dead letters held.
         f"{API}.CONSUMER.INFO.{samples_stream(prefix)}.*",
         f"{API}.STREAM.INFO.{dlq_stream(prefix)}",
@@ -297,6 +300,7 @@ def _integrator(name: str, prefix: str, own_inbox: str) -> Permissions:
         subject_of(prefix, "commands", "block", ">"),
         subject_of(prefix, "commands", "unblock", ">"),
         subject_of(prefix, "events", "quota", ">"),
+        grants_wildcard(prefix),
         own_inbox,
     ]
     return Permissions(tuple(publish), tuple(subscribe))

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import json
 import secrets
+from datetime import timedelta
 from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts._base import DEFAULT_PREFIX, check_prefix
+from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
+from services.policy.config import parse_duration
+
+MAX_CLOCK_SKEW_LIMIT = timedelta(days=3660)
 
 
 class Settings(BaseSettings):
@@ -39,6 +44,9 @@ class Settings(BaseSettings):
     ledger_ack_wait: float = Field(default=30.0, ge=1, le=3600)
     duplicate_window_seconds: int = Field(default=20 * 60, ge=1)
     max_payload_bytes: int = Field(default=1 << 20, ge=1024)
+    # How far a sample's sampled_at may stray from when JetStream stored it before the
+    # ledger places its usage at the edge of that window instead (README: clock skew).
+    max_clock_skew: timedelta = Field(default=DEFAULT_MAX_CLOCK_SKEW)
     # Running at scale: samples (by host) and policy (by subject) in `partitions` parts,
     # this instance owning `partition`; every stream kept on `stream_replicas` servers.
     partitions: int = Field(default=1, ge=1, le=1024)
@@ -53,6 +61,22 @@ class Settings(BaseSettings):
     def _empty_is_unset(cls, v: object) -> object:
         # `TOLLGATE_CONFIG=` in a shell or compose file means "not set", not the path ".".
         return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("max_clock_skew", mode="before")
+    @classmethod
+    def _skew(cls, v: object) -> object:
+        # Written like the quota file's durations: '5min', '300s', '1h', or plain seconds.
+        if isinstance(v, str) and v.strip().isdigit():
+            v = int(v.strip())
+        if isinstance(v, str | int) and not isinstance(v, bool):
+            v = parse_duration(v)
+        if isinstance(v, timedelta) and not timedelta(0) < v <= MAX_CLOCK_SKEW_LIMIT:
+            raise ValueError(
+                f"{v.total_seconds():g} seconds is not a clock-skew tolerance: give one above "
+                "zero and at most "
+                "3660 days (ten years), e.g. '5min'"
+            )
+        return v
 
     @field_validator("prefix")
     @classmethod

@@ -14,18 +14,31 @@ from fastapi import FastAPI
 
 from services.policy.config import ConfigError
 from services.policy.source import ConfigSource
-from tollgate.bus import CredentialsError, connect, seed_public_key
-from tollgate.db import connect_and_migrate
+from tollgate.bus import CredentialsError, close_quietly, connect, seed_public_key
+from tollgate.db import close_pool, connect_and_migrate
 from tollgate.settings import Settings
+from tollgate.tasks import cancel_and_wait
 
 from . import errors
 from .deps import ApiDeps, AuthKeys
 from .errors import ApiStartupError
 from .hub import HubAuthenticator
+from .limits import BodyLimit
 from .metrics import RequestMetrics
 from .options import ApiOptions, options_from_environment
 from .ratelimit import RateLimiter
-from .routes import audit, health, metrics, quotas, reports, spawn, usage, web, workloads
+from .routes import (
+    audit,
+    grants,
+    health,
+    metrics,
+    quotas,
+    reports,
+    spawn,
+    usage,
+    web,
+    workloads,
+)
 
 DESCRIPTION = """Usage and quotas of Tollgate subjects.
 
@@ -71,10 +84,15 @@ def create_app(
         token_secret=secret, admin_token=settings.resolved_admin_token(), hub=hub
     )
     app.state.options = options
+    # Where every read of usage ends depends on how far the ledger lets clocks stray.
+    app.state.max_skew = settings.max_clock_skew
     app.state.limiter = RateLimiter(options.api_rate_per_second, options.api_rate_burst)
     errors.install(app)
+    app.add_middleware(BodyLimit)
     app.add_middleware(RequestMetrics)
-    for module in (health, metrics, web, usage, quotas, workloads, spawn, reports, audit):
+    for module in (
+        health, metrics, web, usage, quotas, grants, workloads, spawn, reports, audit,
+    ):  # fmt: skip
         app.include_router(module.router)
     return app
 
@@ -141,12 +159,9 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
     try:
         yield deps
     finally:
-        joining.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await joining
-        if deps.nc is not None:
-            await deps.nc.close()
-        await pool.close()
+        await cancel_and_wait([joining])
+        await close_quietly(deps.nc)
+        await close_pool(pool)
 
 
 async def _join_nats(deps: ApiDeps, url: str, seed_file: Path | None) -> None:

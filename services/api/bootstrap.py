@@ -68,6 +68,8 @@ async def serve(
         port=settings.api_port,
         log_level="warning",
         lifespan="on",
+        # A request waiting on a server that is down must not hold up Ctrl-C.
+        timeout_graceful_shutdown=2,
     )
     server = _EmbeddedServer(config)
     sock = listen(settings.api_host, settings.api_port)

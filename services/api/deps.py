@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import asyncpg
@@ -84,6 +84,11 @@ async def _limiter(request: Request) -> RateLimiter:
     return limiter
 
 
+async def _max_skew(request: Request) -> timedelta:
+    skew: timedelta = request.app.state.max_skew
+    return skew
+
+
 async def _options(request: Request) -> ApiOptions:
     options: ApiOptions = request.app.state.options
     return options
@@ -98,3 +103,4 @@ ClockDep = Annotated[Clock, Depends(_clock)]
 KeysDep = Annotated[AuthKeys, Depends(_keys)]
 LimiterDep = Annotated[RateLimiter, Depends(_limiter)]
 OptionsDep = Annotated[ApiOptions, Depends(_options)]
+MaxSkewDep = Annotated[timedelta, Depends(_max_skew)]  # TOLLGATE_MAX_CLOCK_SKEW

@@ -7,8 +7,13 @@ from typing import Any
 
 import asyncpg
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+from contracts.errors import printable
 
 log = logging.getLogger("tollgate.api")
 
@@ -19,6 +24,8 @@ UNAVAILABLE = (
     asyncpg.PostgresConnectionError,
     asyncpg.OperatorInterventionError,
     asyncpg.InterfaceError,
+    # A pooled connection that got the FATAL of a Postgres killed under it (kill -9).
+    asyncpg.InternalClientError,
     asyncpg.TooManyConnectionsError,
 )
 
@@ -46,6 +53,36 @@ def _msg(err: Any) -> str:
     return str(err.get("msg", "invalid")).removeprefix("Value error, ")
 
 
+# What FastAPI answers a body it could not read as JSON for a reason other than syntax.
+_UNPARSED = "There was an error parsing the body"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.detail == _UNPARSED:
+        # A body that is not UTF-8 or is nested beyond the parser's depth: bad JSON, like
+        # any other, and a 422 that says so (FastAPI's own 400 names no cause).
+        cause = exc.__cause__
+        why = (
+            "nested too deeply"
+            if isinstance(cause, RecursionError)
+            else "not UTF-8 text"
+            if isinstance(cause, UnicodeDecodeError)
+            else "unreadable"
+        )
+        return JSONResponse(
+            {"detail": f"body: not valid JSON ({why}); send a JSON object"}, status_code=422
+        )
+    if exc.status_code == 404 and exc.detail == "Not Found":
+        # No route matched (a path with a newline matches none): say so, not just "Not Found".
+        path = printable(request.url.path, 120)
+        return JSONResponse(
+            {"detail": f"no endpoint {request.method} {path}; the API's paths are at /docs"},
+            status_code=404,
+        )
+    return await http_exception_handler(request, exc)
+
+
 async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     log.warning("%s %s: storage unavailable: %r", request.method, request.url.path, exc)
     return JSONResponse(
@@ -55,8 +92,34 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's answer, except that a 405 lists the methods of every route on the path
+    (it lists only those of the first route that matched, e.g. POST but not GET)."""
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        methods = [
+            m
+            for m in _METHODS
+            if any(
+                r.matches({**request.scope, "method": m})[0] is Match.FULL
+                for r in request.app.router.routes
+            )
+        ]
+        if methods:
+            headers["Allow"] = ", ".join(methods)
+    return await http_exception_handler(request, StarletteHTTPException(
+        exc.status_code, exc.detail, headers
+    ))  # fmt: skip
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     for exc_type in UNAVAILABLE:
         app.add_exception_handler(exc_type, _unavailable)

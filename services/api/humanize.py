@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal
 
 from services.policy.units import Dimension, dimension_of, format_number
@@ -75,3 +76,12 @@ def display_unit(metric: str, largest: Decimal) -> DisplayUnit:
 def human(metric: str, value: Decimal) -> str:
     """One amount of `metric` in the unit that suits it: '12.3 GB', '4.5 GiB·h'."""
     return display_unit(metric, value).show(value)
+
+
+def disobeying(ignored: int, host: str, until: datetime | None) -> str:
+    """The sentence for a workload that outlives its terminate commands (API and page)."""
+    plural = "s" if ignored != 1 else ""
+    text = f"still running after {ignored} terminate command{plural} on host {host}"
+    if until is not None:
+        text += f" (usage sampled up to {until:%Y-%m-%d %H:%M:%S} UTC)"
+    return text

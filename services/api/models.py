@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from datetime import date
+from decimal import Decimal
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from contracts._base import DecimalText, UtcDatetime
+from contracts.spawn import QuotaStatus
 
 
 class Public(BaseModel):
@@ -73,7 +75,36 @@ class UsagePublic(Public):
     as_of: UtcDatetime | None = Field(description="when that ledger batch committed")
 
 
-class QuotaPublic(Public):
+class QuotaGrantPublic(Public):
+    grant_id: str
+    amount: DecimalText = Field(description="in the quota's unit")
+    expires_at: UtcDatetime
+    scope: Literal["subject", "group"]
+
+
+class LimitDetail(Public):
+    """Soft limits, grace and grants (SPEC additions; `state` keeps the SPEC's three values)."""
+
+    mode: Literal["hard", "soft"] = Field(
+        default="hard", description="soft: over the limit is reported, never denied or terminated"
+    )
+    grace: DecimalText = Field(default=Decimal(0), description="fraction allowed over the limit")
+    enforced_limit: DecimalText | None = Field(
+        default=None, description="limit x (1 + grace): where denial and termination start"
+    )
+    enforced: bool = Field(
+        default=False, description="true while this quota denies spawns / terminates workloads"
+    )
+    grace_remaining: DecimalText | None = Field(
+        default=None, description="what may still be used before the grace runs out"
+    )
+    note: str | None = Field(default=None, description="e.g. 'over by 0.3 GiB·h, within grace'")
+    base_limit: DecimalText | None = Field(default=None, description="the limit before grants")
+    granted: DecimalText = Field(default=Decimal(0), description="active grants, in `limit`")
+    grants: list[QuotaGrantPublic] = Field(default_factory=list)
+
+
+class QuotaPublic(LimitDetail):
     name: str
     metric: str
     unit: str = Field(description="unit of used/limit/remaining, as the limit was written")
@@ -113,7 +144,7 @@ class QuotasPublic(Public):
 # ---- spawn checks ----------------------------------------------------------------------
 
 
-class QuotaStatusPublic(Public):
+class QuotaStatusPublic(LimitDetail):
     """One quota as the spawn decision saw it, in the quota's unit."""
 
     name: str
@@ -192,6 +223,13 @@ class WorkloadPublic(Public):
     exit_status: int | None
     termination_reason: str | None
     termination: TerminationPublic | None
+    terminate_commands: int = Field(
+        default=0, description="terminate commands the policy sent it (re-sent while it runs)"
+    )
+    ignored_commands: int = Field(
+        default=0,
+        description="of those, how many it outlived: usage sampled after the command's grace",
+    )
     usage_from: UtcDatetime | None = Field(description="start of the first hour with usage")
     usage_to: UtcDatetime | None = Field(description="end of the last hour with usage")
     usage: list[MetricTotal]
@@ -249,3 +287,54 @@ class UsageReportPublic(Public):
     )
     as_of_seq: int
     as_of: UtcDatetime | None
+
+
+# ---- grants ----------------------------------------------------------------------------
+
+
+class GrantPublic(Public):
+    """A grant: extra allowance on one quota until it expires (SPEC addition)."""
+
+    grant_id: str
+    scope: Literal["subject", "group"]
+    target: str = Field(description="the subject, or the group whose pool it raises")
+    quota: str
+    metric: str | None = Field(description="null when the quota is no longer in the file")
+    amount: DecimalText = Field(description="in `unit`")
+    unit: str
+    amount_text: str = Field(description="as the admin wrote it")
+    remaining: DecimalText = Field(
+        description="what is left of it: usage spends the configured limit first, then "
+        "grants in the order they expire"
+    )
+    state: Literal["active", "expired", "revoked"]
+    granted_by: str
+    granted_at: UtcDatetime
+    expires_at: UtcDatetime
+    reason: str
+    revoked_at: UtcDatetime | None = None
+    revoked_by: str | None = None
+    revoke_reason: str | None = None
+    seq: int = Field(description="position of the grant record in the hash chain")
+
+
+class GrantsPublic(Public):
+    scope: Literal["subject", "group"]
+    target: str
+    groups: list[str] = Field(description="for a subject: the groups whose pool grants count")
+    grants: list[GrantPublic]
+
+
+class GrantChainPublic(Public):
+    """Whether the grants record's hash chain holds, and where it breaks if not."""
+
+    ok: bool
+    records: int
+    head_hash: str
+    first_bad_seq: int | None
+    problem: str | None
+
+
+def limit_detail(status: QuotaStatus) -> dict[str, Any]:
+    """The `LimitDetail` fields of a quota status, to build a public model with."""
+    return status.model_dump(include=set(LimitDetail.model_fields))

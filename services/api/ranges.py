@@ -13,12 +13,15 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from fastapi import HTTPException
 from pydantic import TypeAdapter, ValidationError
 
-from contracts._base import MetricName
+from contracts._base import MetricName, Name
+from services.policy.windows import reads_until
 
 DEFAULT_RANGE = timedelta(days=30)
 MAX_RANGE = timedelta(days=400)
 HOUR = timedelta(hours=1)
 _METRIC: TypeAdapter[str] = TypeAdapter(MetricName)
+_NAME: TypeAdapter[str] = TypeAdapter(Name)
+MAX_TZ = 64  # the longest IANA name is 32 characters
 
 
 @dataclass(frozen=True)
@@ -62,8 +65,13 @@ def ceil_hour(t: datetime) -> datetime:
     return floor if floor == t else floor + HOUR
 
 
-def hour_range(from_: str | None, to: str | None, now: datetime) -> HourRange:
-    """`from`/`to` as given (default: the 30 days up to now), checked and widened to hours."""
+def hour_range(from_: str | None, to: str | None, now: datetime, max_skew: timedelta) -> HourRange:
+    """`from`/`to` as given, checked and widened to hours.
+
+    By default the 30 days up to now, ending where quota windows end (`reads_until`): with
+    the hour ahead when the ledger may already have placed usage in it, so the default
+    range and the quotas count the same usage.
+    """
     end = parse_time("to", to) if to is not None else now
     start = parse_time("from", from_) if from_ is not None else end - DEFAULT_RANGE
     if start >= end:
@@ -73,7 +81,8 @@ def hour_range(from_: str | None, to: str | None, now: datetime) -> HourRange:
             f"the range is {(end - start).days} days; ask for at most {MAX_RANGE.days} days "
             "per request; split longer periods into several requests"
         )
-    return HourRange(floor_hour(start), ceil_hour(end))
+    last = ceil_hour(end) if to is not None else reads_until(now, max_skew)
+    return HourRange(floor_hour(start), last)
 
 
 def check_metric(metric: str | None) -> str | None:
@@ -87,7 +96,21 @@ def check_metric(metric: str | None) -> str | None:
 
 def check_tz(tz: str) -> str:
     try:
+        if len(tz) > MAX_TZ or "\x00" in tz:
+            raise ValueError(tz)
         ZoneInfo(tz)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise bad(f"tz: {tz!r} is not a time zone; use an IANA name like 'Europe/Berlin'") from None
+    except (ZoneInfoNotFoundError, ValueError, OSError):
+        shown = tz if len(tz) <= MAX_TZ else tz[:MAX_TZ] + "…"
+        raise bad(
+            f"tz: {shown!r} is not a time zone; use an IANA name like 'Europe/Berlin'"
+        ) from None
     return tz
+
+
+def check_name(param: str, value: str) -> str:
+    """A subject or workload name from a path or query; 422 naming `param` otherwise."""
+    try:
+        return _NAME.validate_python(value)
+    except ValidationError as exc:
+        reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
+        raise bad(f"{param}: {reason}") from None

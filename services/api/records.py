@@ -121,7 +121,8 @@ async def recent_workloads(
     """The subject's workloads the policy saw, running ones and latest stops first."""
     return list(
         await pool.fetch(
-            """SELECT workload, host, started_at, stopped_at, exit_status, stop_reason
+            """SELECT workload, host, started_at, stopped_at, exit_status, stop_reason,
+                      terminate_commands, ignored_commands, usage_after_command, resumed_from
                FROM policy_workloads WHERE subject = $1
                ORDER BY stopped_at IS NOT NULL, coalesce(stopped_at, started_at) DESC NULLS LAST
                LIMIT $2""",

@@ -3,7 +3,7 @@ own evaluation over the rollups."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import asyncpg
 
@@ -15,11 +15,16 @@ from .tokens import Principal
 
 
 async def quotas_of(
-    pool: asyncpg.Pool, config: PolicyConfig, subject: str, viewer: Principal, now: datetime
+    pool: asyncpg.Pool,
+    config: PolicyConfig,
+    subject: str,
+    viewer: Principal,
+    now: datetime,
+    max_skew: timedelta,
 ) -> SubjectQuotas:
     """Quotas of `subject` with its groups from the quota file, from integrators' reports,
     and from the identity provider when the subject is the one asking (JupyterHub)."""
     groups = set(await reported_groups(pool, subject))
     if viewer.subject == subject:
         groups.update(viewer.groups)
-    return await subject_quotas(pool, config, subject, sorted(groups), now=now)
+    return await subject_quotas(pool, config, subject, sorted(groups), now=now, max_skew=max_skew)

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+from contracts._base import name_problem
+
 VERSION = "tg1"
 # Long enough for any real token, short enough that garbage is refused before any work.
 MAX_TOKEN_LENGTH = 4096
@@ -107,8 +109,9 @@ def issue_token(
             "admin tokens are not minted: use TOLLGATE_ADMIN_TOKEN or the admin-token file "
             "`tollgate up` writes to its data directory"
         )
-    if not subject or len(subject) > 200 or any(ord(c) < 32 or ord(c) == 127 for c in subject):
-        raise ValueError("subject must be 1 to 200 characters without control characters")
+    problem = name_problem(subject)
+    if problem is not None:
+        raise ValueError(f"subject {problem}")
     if not timedelta(0) < ttl <= MAX_TTL:
         raise ValueError(f"ttl must be positive and at most {MAX_TTL.days} days")
     issued = int((now or datetime.now(UTC)).timestamp())

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import os
+from collections import OrderedDict
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import nats.errors
@@ -13,19 +15,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from contracts.dlq import (
-    DETAIL_HEADER,
-    REASON_HEADER,
-    STREAM_SEQ_HEADER,
-    SUBJECT_HEADER,
-    dlq_subject,
-)
+from contracts.errors import printable
 from contracts.partitions import partition_samples_filter
 from contracts.samples import samples_stream, samples_wildcard
 from tollgate.bus import durable_pull, fetch_ready
+from tollgate.deadletters import file_dead_letter
 
 from . import metrics, store
-from .domain import Reading, readings
+from .domain import DEFAULT_MAX_CLOCK_SKEW, Arrival, Reading, arrival, readings
 from .errors import DeadLetter
 from .handlers import parse_sample_message
 
@@ -38,6 +35,8 @@ TRANSIENT = (
     asyncio.TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A pooled connection that got the FATAL of a Postgres killed under it (kill -9).
+    asyncpg.InternalClientError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
     asyncpg.DeadlockDetectedError,
@@ -63,6 +62,7 @@ class LedgerService:
         max_payload: int = 1 << 20,
         ack_wait: float = 30.0,
         max_points: int = 50_000,
+        max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -80,6 +80,10 @@ class LedgerService:
         self.max_payload = max_payload
         self.ack_wait = ack_wait
         self.max_points = max_points
+        self.max_clock_skew = max_clock_skew
+        # (host, epoch) pairs whose skew was logged already: one line per host clock life.
+        self._skew_logged: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._skew_max = 0.0
         # Set after every commit that appended events: wakes the usage feed publisher.
         self.committed = asyncio.Event()
         # Failpoint for crash tests: die right after the Nth commit, before its acks.
@@ -133,21 +137,53 @@ class LedgerService:
         metrics.MESSAGES.inc(len(msgs))
         chunk: list[Msg] = []
         items: list[Reading] = []
+        skewed: list[tuple[str, str, Arrival]] = []
         for msg in msgs:
             try:
-                batch = parse_sample_message(msg.subject, msg.data, self.max_payload)
+                msg_id = msg.headers.get("Nats-Msg-Id") if msg.headers else None
+                batch = parse_sample_message(msg.subject, msg.data, self.max_payload, msg_id)
             except DeadLetter as dead:
                 await self._dead_letter(msg, dead)
                 continue
-            more = readings(batch, msg.metadata.sequence.stream)
+            arrived = arrival(batch.sampled_at, received_at(msg), self.max_clock_skew)
+            more = readings(batch, msg.metadata.sequence.stream, arrived)
             if chunk and len(items) + len(more) > self.max_points:
                 if not await self._commit_and_ack(chunk, items, stop):
                     return
-                chunk, items = [], []
+                self._report_skew(skewed)
+                chunk, items, skewed = [], [], []
             chunk.append(msg)
             items.extend(more)
-        if chunk:
-            await self._commit_and_ack(chunk, items, stop)
+            if arrived.skew_seconds is not None:
+                skewed.append((batch.host, batch.epoch, arrived))
+        if chunk and await self._commit_and_ack(chunk, items, stop):
+            self._report_skew(skewed)
+
+    def _report_skew(self, skewed: list[tuple[str, str, Arrival]]) -> None:
+        """Count committed skewed samples; log each host's epoch once, so it can be found."""
+        for host, epoch, arrived in skewed:
+            assert arrived.skew_seconds is not None
+            metrics.CLOCK_SKEWED.inc()
+            size = abs(float(arrived.skew_seconds))
+            if size > self._skew_max:
+                self._skew_max = size
+                metrics.CLOCK_SKEW_MAX.set(size)
+            if (host, epoch) in self._skew_logged:
+                continue
+            self._skew_logged[(host, epoch)] = None
+            if len(self._skew_logged) > 10_000:
+                self._skew_logged.popitem(last=False)
+            ahead = "ahead of" if arrived.skew_seconds > 0 else "behind"
+            log.warning(
+                "clock skew: host=%s epoch=%s reports sampled_at %s seconds %s when JetStream "
+                "stored its sample (%s); its usage is counted in full at %s, the edge of the "
+                "%ss window (TOLLGATE_MAX_CLOCK_SKEW). Fix the host's clock (NTP); this is "
+                "logged once per host and epoch, every such sample is counted in "
+                "tollgate_ledger_clock_skewed_samples_total and flagged on its events",
+                host, epoch, abs(arrived.skew_seconds), ahead,
+                arrived.received_at.isoformat(), arrived.placed_at.isoformat(),
+                int(self.max_clock_skew.total_seconds()),
+            )  # fmt: skip
 
     async def _commit_and_ack(
         self, msgs: list[Msg], items: list[Reading], stop: asyncio.Event | None
@@ -213,26 +249,28 @@ class LedgerService:
             backoff = min(backoff * 2, 5.0)
 
     async def _dead_letter(self, msg: Msg, dead: DeadLetter) -> None:
-        stream_seq = msg.metadata.sequence.stream
-        headers = {
-            REASON_HEADER: dead.reason.value,
-            DETAIL_HEADER: dead.detail[:1000],
-            SUBJECT_HEADER: msg.subject,
-            STREAM_SEQ_HEADER: str(stream_seq),
-            # Redelivery after a crash must not file the same dead letter twice.
-            "Nats-Msg-Id": f"dlq:{self.consumer}:{stream_seq}",
-        }
-        body = msg.data if len(msg.data) <= 900_000 else msg.data[:900_000]
-        await self.js.publish(dlq_subject(dead.reason, self.prefix), body, headers=headers)
-        await msg.term()
+        await file_dead_letter(
+            self.js, msg, dead.reason, dead.detail, prefix=self.prefix, consumer=self.consumer
+        )
         metrics.DEAD_LETTERS.labels(dead.reason.value).inc()
         log.warning(
             "dead letter %s (stream seq %d on %s): %s",
             dead.reason.value,
-            stream_seq,
+            msg.metadata.sequence.stream,
             msg.subject,
-            dead.detail,
+            printable(dead.detail, 1000),
         )
+
+
+def received_at(msg: Msg) -> datetime:
+    """When JetStream stored `msg` (the same on every redelivery), else the ledger's clock."""
+    try:
+        stored = msg.metadata.timestamp
+    except (AttributeError, ValueError, IndexError, nats.errors.Error):
+        stored = None
+    if isinstance(stored, datetime):
+        return stored.astimezone(UTC)
+    return datetime.now(UTC)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:

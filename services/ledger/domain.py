@@ -5,6 +5,11 @@ and the newest sample seq it folded. A sample adds `value - high`; a sample whos
 not newer adds zero (duplicate, redelivery, stale or reordered); a newer sample whose value
 dropped is a reset and counts from zero. A new epoch is a new series, so it counts from
 zero too. Every number is a Decimal: the ledger does no binary floating point.
+
+A host's clock is trusted only within `max_skew` of when JetStream stored its batch
+(`received_at`): usage is placed at `sampled_at` clamped into
+[received_at - max_skew, received_at + max_skew], and a series' windows never run backwards,
+so however wrong a clock is, every unit of usage lands in the window around its arrival.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from types import MappingProxyType
 from typing import NamedTuple
@@ -21,6 +26,9 @@ from contracts.samples import CounterBatch
 
 GENESIS_HASH = "0" * 64
 _MICRO = Decimal("0.000001")
+# Long enough for hosts without NTP and for a meter's own batching; short enough that no
+# window a quota can have (an hour, a day) is moved by a clock (README: clock skew).
+DEFAULT_MAX_CLOCK_SKEW = timedelta(minutes=5)
 
 
 # The records below are NamedTuples, not frozen dataclasses: equally immutable, but built,
@@ -49,16 +57,43 @@ class SeriesState(NamedTuple):
 NO_LABELS: Mapping[str, str] = MappingProxyType({})
 
 
+class Arrival(NamedTuple):
+    """When JetStream stored a batch, and where the ledger may place its usage."""
+
+    received_at: datetime
+    placed_at: datetime  # sampled_at clamped into [received_at -/+ max_skew]
+    latest: datetime  # received_at + max_skew: nothing of this batch is placed later
+    skew_seconds: Decimal | None  # sampled_at - received_at, only when beyond max_skew
+
+
+def arrival(sampled_at: datetime, received_at: datetime, max_skew: timedelta) -> Arrival:
+    """Clamp a batch's sampled_at to the window around its arrival."""
+    earliest, latest = received_at - max_skew, received_at + max_skew
+    if earliest <= sampled_at <= latest:
+        return Arrival(received_at, sampled_at, latest, None)
+    placed = earliest if sampled_at < earliest else latest
+    return Arrival(received_at, placed, latest, seconds_between(received_at, sampled_at))
+
+
+def seconds_between(a: datetime, b: datetime) -> Decimal:
+    """b - a in exact seconds (microseconds)."""
+    d = b - a
+    return (Decimal(d.days * 86400 + d.seconds) + Decimal(d.microseconds) / 1_000_000).quantize(
+        _MICRO
+    )
+
+
 class Reading(NamedTuple):
     """One counter value of one batch, flattened."""
 
     key: SeriesKey
     seq: int
     value: Decimal
-    sampled_at: datetime
+    sampled_at: datetime  # as the host reported it
     final: bool = False
     labels: Mapping[str, str] = NO_LABELS
     stream_seq: int = 0
+    arrival: Arrival | None = None  # None: the host's clock is taken as it is (tests, tools)
 
 
 class UsageDelta(NamedTuple):
@@ -72,6 +107,9 @@ class UsageDelta(NamedTuple):
     stream_seq: int
     reset: bool
     labels: Mapping[str, str]
+    received_at: datetime | None = None
+    sampled_at: datetime | None = None  # as the host reported it
+    clock_skew: Decimal | None = None  # seconds sampled_at - received_at, beyond max_skew
 
     def chained(self, seq: int) -> ChainedEvent:
         """The event this delta becomes at ledger sequence `seq`, as the hash sees it."""
@@ -79,6 +117,7 @@ class UsageDelta(NamedTuple):
         return ChainedEvent(
             seq, k.host, k.epoch, k.subject, k.workload, k.metric,
             self.delta, self.window_start, self.window_end, self.reset,
+            self.received_at, self.sampled_at, self.clock_skew,
         )  # fmt: skip
 
 
@@ -90,14 +129,16 @@ class Outcome(NamedTuple):
     changed: bool
 
 
-def readings(batch: CounterBatch, stream_seq: int = 0) -> list[Reading]:
+def readings(
+    batch: CounterBatch, stream_seq: int = 0, arrived: Arrival | None = None
+) -> list[Reading]:
     """Flatten a batch into one reading per series."""
     host, epoch, seq, at, final = batch.host, batch.epoch, batch.seq, batch.sampled_at, batch.final
     out = []
     for c in batch.counters:
         labels = MappingProxyType(dict(c.labels)) if c.labels else NO_LABELS
         key = SeriesKey(host, epoch, c.subject, c.workload, c.metric)
-        out.append(Reading(key, seq, c.value, at, final, labels, stream_seq))
+        out.append(Reading(key, seq, c.value, at, final, labels, stream_seq, arrived))
     return out
 
 
@@ -119,20 +160,37 @@ def _advance(
         # has been counted. Never taken for a reset.
         return None
     value = reading.value
-    new_state = SeriesState(value, reading.seq, reading.sampled_at, reading.final)
+    arrived = reading.arrival
+    at = reading.sampled_at if arrived is None else arrived.placed_at
+    start = None
+    if state is not None:
+        start = state.last_sampled_at
+        if at < start:
+            # A window never runs backwards (say a clock clamped forward, then corrected):
+            # the reading is placed where the last one was, unless that lies beyond this
+            # batch's window (only if JetStream's own clock stepped back): then at its edge.
+            at = start if arrived is None or start <= arrived.latest else arrived.latest
+            start = at
+    new_state = SeriesState(value, reading.seq, at, reading.final)
     if state is None:
-        delta, reset, start = value, False, None
+        delta, reset = value, False
     elif value >= state.high:
-        delta, reset, start = value - state.high, False, state.last_sampled_at
+        delta, reset = value - state.high, False
     else:
         # The counter went backwards inside one epoch: it restarted from zero. What it
         # counted between the last reading and the restart is unknowable; from zero is exact.
-        delta, reset, start = value, True, state.last_sampled_at
+        delta, reset = value, True
     if delta > 0 or reset:
-        usage = UsageDelta(
-            reading.key, delta, start, reading.sampled_at, reading.seq, reading.stream_seq,
-            reset, reading.labels,
-        )  # fmt: skip
+        if arrived is None:
+            usage = UsageDelta(
+                reading.key, delta, start, at, reading.seq, reading.stream_seq, reset,
+                reading.labels,
+            )  # fmt: skip
+        else:
+            usage = UsageDelta(
+                reading.key, delta, start, at, reading.seq, reading.stream_seq, reset,
+                reading.labels, arrived.received_at, reading.sampled_at, arrived.skew_seconds,
+            )  # fmt: skip
         return new_state, usage
     return new_state, None
 
@@ -180,25 +238,43 @@ class ChainedEvent(NamedTuple):
     window_start: datetime | None
     window_end: datetime
     reset: bool
+    received_at: datetime | None = None
+    sampled_at: datetime | None = None
+    clock_skew: Decimal | None = None
 
     def canonical(self) -> str:
         return _canonical(
             self.seq, self.host, self.epoch, self.subject, self.workload, self.metric,
             self.delta, self.window_start, self.window_end, self.reset,
+            self.received_at, self.sampled_at, self.clock_skew,
         )  # fmt: skip
 
 
 def _canonical(
     seq: int, host: str, epoch: str, subject: str, workload: str, metric: str,
     delta: Decimal, window_start: datetime | None, window_end: datetime, reset: bool,
+    received_at: datetime | None, sampled_at: datetime | None, clock_skew: Decimal | None,
 ) -> str:  # fmt: skip
-    """The one text of an event that the hash chain covers."""
-    return "\x1f".join(
+    """The one text of an event that the hash chain covers.
+
+    Events that know when they arrived (every event since migration 0004) also cover that,
+    the time the host reported and the skew flag; older events hash as they always did.
+    """
+    text = "\x1f".join(
         (
             str(seq), host, epoch, subject, workload, metric, canonical_decimal(delta),
             canonical_time(window_start), canonical_time(window_end), "1" if reset else "0",
         )
     )  # fmt: skip
+    if received_at is None:
+        return text
+    return text + _arrival_text(received_at, sampled_at, clock_skew)
+
+
+@functools.lru_cache(maxsize=8192)  # one per batch: every reading of it shares its arrival
+def _arrival_text(received_at: datetime, sampled_at: datetime | None, skew: Decimal | None) -> str:
+    text = "-" if skew is None else canonical_decimal(skew)
+    return f"\x1f{canonical_time(received_at)}\x1f{canonical_time(sampled_at)}\x1f{text}"
 
 
 def batch_hash(prev_hash: str, batch_id: int, events: Iterable[ChainedEvent]) -> str:
@@ -227,6 +303,7 @@ def usage_batch_hash(
         text = _canonical(
             seq, k.host, k.epoch, k.subject, k.workload, k.metric,
             u.delta, u.window_start, u.window_end, u.reset,
+            u.received_at, u.sampled_at, u.clock_skew,
         )  # fmt: skip
         h.update(text.encode())
         h.update(b"\n")

@@ -44,6 +44,9 @@ def _event(row: asyncpg.Record) -> UsageRecorded:
         reset=row["reset"],
         batch_hash=row["hash"],
         labels=_labels(row["labels"]),
+        received_at=row["received_at"],
+        sampled_at=row["sampled_at"],
+        clock_skew_seconds=row["clock_skew_seconds"],
     )
 
 
@@ -74,7 +77,7 @@ class UsageFeed:
             rows = await conn.fetch(
                 """SELECT e.seq, e.recorded_at, e.host, e.epoch, e.subject, e.workload,
                           e.metric, e.delta, e.window_start, e.window_end, e.reset, b.hash,
-                          e.labels
+                          e.labels, e.received_at, e.sampled_at, e.clock_skew_seconds
                    FROM usage_events e JOIN ledger_batches b USING (batch_id)
                    WHERE e.seq > $1 ORDER BY e.seq LIMIT $2""",
                 position,

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from contracts import PayloadError, decode_token, parse_json
-from contracts.dlq import DeadLetterReason
+from contracts import PayloadError, parse_json
+from contracts.dlq import DeadLetter, DeadLetterReason, host_of_subject, invalid
+from contracts.errors import printable
 from contracts.samples import SCHEMA, CounterBatch
 
-from .errors import DeadLetter
 
-
-def parse_sample_message(subject: str, body: bytes, max_payload: int) -> CounterBatch:
+def parse_sample_message(
+    subject: str, body: bytes, max_payload: int, msg_id: str | None = None
+) -> CounterBatch:
     """Validate one message of the samples stream; raise DeadLetter if it is unusable."""
     if len(body) > max_payload:
         raise DeadLetter(
@@ -31,24 +32,19 @@ def parse_sample_message(subject: str, body: bytes, max_payload: int) -> Counter
     try:
         batch = CounterBatch.model_validate(data)
     except ValidationError as exc:
-        raise DeadLetter(DeadLetterReason.INVALID_PAYLOAD, _describe(exc)) from None
+        raise invalid(exc) from None
     # `<prefix>.v1.samples.<host>`, stored as `....<host>.<partition>` when partitioned.
-    subject_host = decode_token(subject.split(".")[3])
+    subject_host = host_of_subject(subject)
     if batch.host != subject_host:
         raise DeadLetter(
             DeadLetterReason.HOST_MISMATCH,
             f"payload host {batch.host!r} was published on the subject of host "
             f"{subject_host!r}; a host may only report its own counters",
         )
+    if msg_id is not None and msg_id != batch.msg_id:
+        raise DeadLetter(
+            DeadLetterReason.MSG_ID_MISMATCH,
+            f"header Nats-Msg-Id {printable(msg_id)!r} names another sample than this one "
+            f"({batch.msg_id!r}); publish each sample with Nats-Msg-Id <host>:<epoch>:<seq>",
+        )
     return batch
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors()[:5]:
-        where = ".".join(str(p) for p in err["loc"]) or "body"
-        parts.append(f"{where}: {err['msg']}")
-    more = exc.error_count() - 5
-    if more > 0:
-        parts.append(f"and {more} more")
-    return "; ".join(parts)

@@ -23,3 +23,12 @@ COMMIT_SECONDS = Histogram(
 )
 FEED_PUBLISHED = Counter("tollgate_feed_published", "Usage events published to the usage feed")
 LAST_COMMIT = Gauge("tollgate_ledger_last_commit_timestamp", "Unix time of the last commit")
+CLOCK_SKEWED = Counter(
+    "tollgate_ledger_clock_skewed_samples",
+    "Sample messages whose sampled_at lay beyond TOLLGATE_MAX_CLOCK_SKEW of when JetStream "
+    "stored them (their usage is counted at the clamped time)",
+)
+CLOCK_SKEW_MAX = Gauge(
+    "tollgate_ledger_clock_skew_max_seconds",
+    "Largest |sampled_at - received_at| of a skewed sample since the ledger started",
+)

@@ -17,7 +17,7 @@ Progress = Callable[[int], None]
 
 EVENT_COLUMNS = """e.seq, e.batch_id, e.recorded_at, e.host, e.epoch, e.subject, e.workload,
     e.metric, e.delta, e.window_start, e.window_end, e.reset, e.sample_seq, e.labels,
-    b.hash AS batch_hash"""
+    e.received_at, e.sampled_at, e.clock_skew_seconds, b.hash AS batch_hash"""
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,10 @@ async def verify_chain(conn: asyncpg.Connection, progress: Progress | None = Non
                       array_agg(e.delta ORDER BY e.seq) AS deltas,
                       array_agg(e.window_start ORDER BY e.seq) AS starts,
                       array_agg(e.window_end ORDER BY e.seq) AS ends,
-                      array_agg(e.reset ORDER BY e.seq) AS resets
+                      array_agg(e.reset ORDER BY e.seq) AS resets,
+                      array_agg(e.received_at ORDER BY e.seq) AS received,
+                      array_agg(e.sampled_at ORDER BY e.seq) AS sampled,
+                      array_agg(e.clock_skew_seconds ORDER BY e.seq) AS skews
                FROM ledger_batches b LEFT JOIN usage_events e USING (batch_id)
                GROUP BY b.batch_id ORDER BY b.batch_id""",
             prefetch=200,
@@ -74,7 +77,7 @@ async def verify_chain(conn: asyncpg.Connection, progress: Progress | None = Non
                 for fields in zip(
                     seqs, row["hosts"], row["epochs"], row["subjects"], row["workloads"],
                     row["metrics"], row["deltas"], row["starts"], row["ends"], row["resets"],
-                    strict=True,
+                    row["received"], row["sampled"], row["skews"], strict=True,
                 )
             ]  # fmt: skip
             digest = batch_hash(prev, bid, chained)

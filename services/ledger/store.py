@@ -37,6 +37,9 @@ _EVENT_COLUMNS = (
     "stream_seq",
     "reset",
     "labels",
+    "received_at",
+    "sampled_at",
+    "clock_skew_seconds",
 )
 
 
@@ -160,7 +163,8 @@ def _event_records(
         labels = json.dumps(dict(u.labels)) if u.labels else "{}"
         rows.append(
             (seq, batch_id, now, *u.key, u.delta, u.window_start, u.window_end,
-             u.sample_seq, u.stream_seq, u.reset, labels)
+             u.sample_seq, u.stream_seq, u.reset, labels, u.received_at, u.sampled_at,
+             u.clock_skew)
         )  # fmt: skip
         seq += 1
     return rows

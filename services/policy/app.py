@@ -14,6 +14,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from contracts.errors import INTERNAL_ERROR
 from contracts.partitions import spawn_check_partition_subject
 from contracts.spawn import spawn_check_subject
 
@@ -70,9 +71,12 @@ class SpawnCheckResponder:
                 return
             reply = self.checker.decide(request).to_json()
         except BadRequest as exc:
-            reply = error_reply(str(exc))
+            reply = error_reply(str(exc), exc.errors)
         except Exception:  # the edge: log it, and answer rather than leave the caller waiting
             log.exception("spawn check failed")
-            reply = error_reply("the policy could not decide this request; see its log")
+            reply = error_reply(
+                "the policy could not decide this request; retry, and see its log",
+                error=INTERNAL_ERROR,
+            )
         await msg.respond(reply)
         SPAWN_SECONDS.observe(time.perf_counter() - started)

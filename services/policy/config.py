@@ -43,6 +43,24 @@ def parse_duration(value: str | int | timedelta) -> timedelta:
     return timedelta(seconds=int(m[1]) * _SECONDS[m[2]])
 
 
+_PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def parse_fraction(value: Any) -> Decimal:
+    """A grace allowance: '10%' or a fraction such as 0.1, between 0 and 10 (1000%)."""
+    if isinstance(value, Decimal):
+        fraction = value
+    elif isinstance(value, str) and (m := _PERCENT.match(value)):
+        fraction = Decimal(m[1]) / 100
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        fraction = Decimal(str(value))
+    else:
+        raise ValueError(f"{value!r} is not a grace allowance; write a percentage such as '10%'")
+    if not 0 <= fraction <= 10:
+        raise ValueError(f"grace must be between 0% and 1000%, got {fraction:%}")
+    return fraction.normalize()
+
+
 Enforcement = Literal["spawn", "terminate"]
 
 
@@ -148,7 +166,18 @@ class QuotaRule(_Strict):
     enforce: list[Enforcement] = Field(default_factory=lambda: list[Enforcement](["spawn"]))
     warn_at: list[Decimal] = Field(default_factory=list)
     termination: Termination = Field(default_factory=Termination)
+    mode: Literal["hard", "soft"] = Field(
+        default="hard", description="soft: warn and report past the limit, never deny or terminate"
+    )
+    grace: Decimal = Field(
+        default=Decimal(0), description="deny and terminate only past limit x (1 + grace)"
+    )
     _amount: Amount = PrivateAttr()
+
+    @field_validator("grace", mode="before")
+    @classmethod
+    def _percent(cls, v: Any) -> Any:
+        return parse_fraction(v)
 
     @field_validator("metric")
     @classmethod
@@ -199,6 +228,11 @@ class QuotaRule(_Strict):
                 "a metric: cost quota is per: subject or per: group (a budget of people, "
                 "not of one workload)"
             )
+        if self.mode == "soft" and self.grace:
+            raise ValueError(
+                "grace has no effect on a soft quota (a soft quota never denies or terminates); "
+                "drop grace, or say mode: hard"
+            )
         if self.per == "workload" and "spawn" in self.enforce:
             raise ValueError(
                 "enforce: spawn cannot apply to a per: workload quota (a new workload has "
@@ -211,6 +245,33 @@ class QuotaRule(_Strict):
         return self._amount
 
 
+class Reissue(_Strict):
+    """Terminating again while a terminated workload's usage keeps arriving (README:
+    "Enforcement that does not give up"): after `after`, then doubling up to `max`."""
+
+    after: timedelta = timedelta(seconds=30)
+    max: timedelta = timedelta(minutes=5)
+    settle: timedelta = Field(
+        default=timedelta(seconds=10),
+        description="usage sampled this long after a command's grace (or a stop) still "
+        "counts as the workload's last breath, not as proof that it runs",
+    )
+    enabled: bool = True
+
+    @field_validator("after", "max", "settle", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        return parse_duration(v) if isinstance(v, str | int) else v
+
+    @model_validator(mode="after")
+    def _sane(self) -> Reissue:
+        if self.after <= timedelta(0):
+            raise ValueError("after must be at least 1s (it paces repeated terminate commands)")
+        if self.max < self.after:
+            raise ValueError(f"max ({self.max}) must not be shorter than after ({self.after})")
+        return self
+
+
 class PolicyConfig(_Strict):
     """The whole quota configuration."""
 
@@ -218,6 +279,7 @@ class PolicyConfig(_Strict):
     quotas: list[QuotaRule] = Field(default_factory=list)
     failure_mode: Literal["open", "closed"] = "open"
     max_staleness: timedelta = timedelta(seconds=60)
+    reissue: Reissue = Field(default_factory=Reissue)
     help: str | None = Field(
         default=None, description="appended to denials, e.g. 'ask your admin to join power'"
     )

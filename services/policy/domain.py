@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from decimal import Decimal
 
@@ -12,10 +12,11 @@ from contracts.commands import (
     DATA_TRANSFER_QUOTA_EXCEEDED,
     LOG_QUOTA_EXCEEDED,
 )
-from contracts.spawn import QuotaStatus
+from contracts.spawn import QuotaGrant, QuotaStatus
 from contracts.workloads import Resources
 
 from .config import PolicyConfig, QuotaRule, Window
+from .grants import Applied, Grant, GrantBook
 from .units import Amount
 from .windows import (
     HOUR,
@@ -68,6 +69,37 @@ class EffectiveQuota:
     rules: tuple[QuotaRule, ...]
     reason: str = COMPUTE_QUOTA_EXCEEDED
     grace_seconds: Decimal = Decimal(30)
+    mode: str = "hard"
+    grace: Decimal = Decimal(0)
+    granted: Decimal = Decimal(0)  # included in `limit`
+    grants: tuple[Grant, ...] = ()  # active, raising the limit
+    lapsed: tuple[Grant, ...] = ()  # revoked or expired lately: named when a block returns
+    grant_seq: int = 0  # newest grant record about this quota and subject
+
+    @property
+    def base_limit(self) -> Decimal:
+        """The configured limit, before grants."""
+        return self.limit - self.granted
+
+    @property
+    def enforced_limit(self) -> Decimal:
+        """Where denial and termination start: the limit plus its grace."""
+        return self.limit * (1 + self.grace)
+
+    @property
+    def hard(self) -> bool:
+        return self.mode == "hard"
+
+    def limit_text(self) -> str:
+        """'12 GiB·h', or '12 GiB·h (2 GiB·h + 10 GiB·h grant g-… until …)' with grants."""
+        text = self.show(self.limit)
+        if self.grants:
+            parts = [self.show(self.base_limit)] + [
+                f"{self.show(g.amount)} grant {g.grant_id} until {when(g.expires_at)}"
+                for g in self.grants
+            ]
+            text += f" ({' + '.join(parts)})"
+        return text
 
     @property
     def pool_groups(self) -> tuple[str, ...]:
@@ -85,9 +117,16 @@ def _applies(rule: QuotaRule, subject: str, groups: Sequence[str]) -> bool:
 
 
 def effective_quotas(
-    config: PolicyConfig, subject: str, groups: Sequence[str]
+    config: PolicyConfig,
+    subject: str,
+    groups: Sequence[str],
+    grants: GrantBook | None = None,
+    now: datetime | None = None,
 ) -> list[EffectiveQuota]:
-    """The quotas a subject is under; several on one metric+window+per combine by `combine`."""
+    """The quotas a subject is under; several on one metric+window+per combine by `combine`.
+
+    Active grants on a quota (named by any of its rules) raise its limit.
+    """
     buckets: dict[tuple[str, str, str], list[QuotaRule]] = {}
     for rule in config.quotas:
         if _applies(rule, subject, groups):
@@ -116,9 +155,30 @@ def effective_quotas(
                 rules=tuple(rules),
                 reason=chosen.termination.reason or default_reason(chosen.metric),
                 grace_seconds=chosen.termination.grace_seconds,
+                mode=chosen.mode,
+                grace=chosen.grace,
             )
         )
+    if grants is not None and grants.grants:
+        at = now or datetime.now(UTC)
+        result = [with_grants(q, grants.applying(
+            {q.name, *(r.name for r in q.rules)}, q.per, subject, q.pool_groups, at
+        )) for q in result]  # fmt: skip
     return sorted(result, key=lambda q: q.name)
+
+
+def with_grants(quota: EffectiveQuota, applied: Applied) -> EffectiveQuota:
+    """The quota with its active grants added to the limit."""
+    if not applied.last_seq:
+        return quota
+    return replace(
+        quota,
+        limit=quota.limit + applied.granted,
+        granted=applied.granted,
+        grants=applied.active,
+        lapsed=applied.lapsed,
+        grant_seq=applied.last_seq,
+    )
 
 
 def retry_at(
@@ -127,6 +187,14 @@ def retry_at(
 ) -> datetime | None:  # fmt: skip
     """When usage will be back under the limit if nothing more is used; None if never/now."""
     return returns_at(quota.window, used, buckets, now, lambda u: u < quota.limit)
+
+
+def unblock_at(
+    quota: EffectiveQuota, used: Decimal, buckets: Sequence[tuple[datetime, Decimal]],
+    now: datetime,
+) -> datetime | None:  # fmt: skip
+    """When usage will be back under the enforced limit (limit plus grace)."""
+    return returns_at(quota.window, used, buckets, now, lambda u: u < quota.enforced_limit)
 
 
 def _exact(value: Decimal) -> Decimal:
@@ -149,6 +217,9 @@ def status(
     else:
         state = "ok"
     a = quota.amount
+    grace_left = None
+    if quota.hard and quota.grace:
+        grace_left = _exact(a.in_unit(max(quota.enforced_limit - used, Decimal(0))))
     return QuotaStatus(
         name=quota.name,
         metric=quota.metric,
@@ -162,7 +233,41 @@ def status(
         enforce=sorted(quota.enforce),
         reserved=_exact(a.in_unit(reserved)),
         projected_exhaustion_at=projected,
+        mode="soft" if quota.mode == "soft" else "hard",
+        grace=quota.grace,
+        enforced_limit=_exact(a.in_unit(quota.enforced_limit)) if quota.hard else None,
+        enforced=quota.hard and bool(quota.enforce) and used >= quota.enforced_limit,
+        grace_remaining=grace_left,
+        note=limit_note(quota, used),
+        base_limit=_exact(a.in_unit(quota.base_limit)),
+        granted=_exact(a.in_unit(quota.granted)),
+        grants=[
+            QuotaGrant(
+                grant_id=g.grant_id,
+                amount=_exact(a.in_unit(g.amount)),
+                expires_at=g.expires_at,
+                scope=g.scope,
+            )
+            for g in quota.grants
+        ],
     )
+
+
+def limit_note(quota: EffectiveQuota, used: Decimal) -> str | None:
+    """What being over means for this quota: 'over by 0.3 GiB·h, within grace'."""
+    if used < quota.limit:
+        return None
+    over = f"over by {quota.show(used - quota.limit)}"
+    if not quota.hard:
+        return f"{over}; a soft limit: reported, never denied or terminated"
+    if not quota.grace:
+        return None
+    if used < quota.enforced_limit:
+        return (
+            f"{over}, within grace ({quota.show(quota.enforced_limit - used)} of the "
+            f"{quota.grace:%} grace left before spawns are denied and workloads stopped)"
+        )
+    return f"{over}, past the {quota.grace:%} grace"
 
 
 @dataclass(frozen=True)
@@ -182,7 +287,13 @@ class Standing:
 
     @property
     def exceeded(self) -> bool:
+        """At or over the limit: reported (state, quota events), whatever the mode."""
         return self.used >= self.quota.limit
+
+    @property
+    def breached(self) -> bool:
+        """Past the enforced limit of a hard quota: spawns denied, workloads terminated."""
+        return self.quota.hard and self.used >= self.quota.enforced_limit
 
     def status(self, now: datetime) -> QuotaStatus:
         return status(self.quota, self.used, self.buckets, now, self.reserved, self.projected)
@@ -213,26 +324,29 @@ def when(t: datetime) -> str:
 
 
 def _fits(s: Standing) -> bool:
-    return s.used + s.reserved + s.need <= s.quota.limit
+    return s.used + s.reserved + s.need <= s.quota.enforced_limit
 
 
 def _sentence(s: Standing, now: datetime) -> tuple[str, datetime | None]:
     q = s.quota
-    limit = q.show(q.limit)
-    if s.exceeded:
+    limit = q.limit_text()
+    if s.breached:
         text = (
             f"You have used {q.amount.number(s.used)} of {limit} ({q.name}) {q.window.describe()}"
         )
-        back = retry_at(q, s.used, s.buckets, now)
+        if q.grace:
+            text += f", past its {q.grace:%} grace"
+        back = unblock_at(q, s.used, s.buckets, now)
     else:
-        left = max(q.limit - s.used - s.reserved, Decimal(0))
+        left = max(q.enforced_limit - s.used - s.reserved, Decimal(0))
+        grace = f" with its {q.grace:%} grace" if q.grace else ""
         text = (
-            f"This spawn needs {q.show(s.need)} ({q.name}) but {q.show(left)} of {limit} "
+            f"This spawn needs {q.show(s.need)} ({q.name}) but {q.show(left)} of {limit}{grace} "
             f"{'is' if left == 1 else 'are'} left {q.window.describe()}"
         )
         if s.reserved:
             text += f", after {q.show(s.reserved)} held for spawns already allowed"
-        room = q.limit - s.reserved - s.need
+        room = q.enforced_limit - s.reserved - s.need
         back = returns_at(q.window, s.used, s.buckets, now, lambda u: u <= room)
     if back is not None:
         text += f"; quota returns from {when(back)}"
@@ -250,8 +364,11 @@ def _allowed_message(subject: str, gating: Sequence[Standing]) -> str:
     for s in closest[:2]:
         q = s.quota
         part = (
-            f"{q.amount.number(s.used)} of {q.show(q.limit)} used ({q.name}) {q.window.describe()}"
+            f"{q.amount.number(s.used)} of {q.limit_text()} used ({q.name}) {q.window.describe()}"
         )
+        note = limit_note(q, s.used)
+        if note:
+            part += f", {note}"
         if s.need:
             part += f", {q.show(s.need)} held for this spawn"
         parts.append(part)
@@ -266,12 +383,17 @@ def decide_spawn(
 ) -> SpawnVerdict:
     """Deny when a spawn-enforced quota is used up, or this spawn would not fit in what is left.
 
+    "Used up" is past the limit plus its grace; soft quotas never deny.
+
     What fits counts reservations of spawns already allowed, so concurrent spawns cannot
     overrun a quota together. Per-workload quotas do not gate spawns (a new workload has
     used nothing yet).
     """
-    gating = [s for s in standings if "spawn" in s.quota.enforce and s.quota.per != "workload"]
-    blocking = [s for s in gating if s.exceeded or not _fits(s)]
+    gating = [
+        s for s in standings
+        if "spawn" in s.quota.enforce and s.quota.per != "workload" and s.quota.hard
+    ]  # fmt: skip
+    blocking = [s for s in gating if s.breached or not _fits(s)]
     if not blocking:
         return SpawnVerdict(True, "within_quota", _allowed_message(subject, gating), None)
     parts = [_sentence(s, now) for s in blocking]
@@ -281,7 +403,7 @@ def decide_spawn(
     returns = [p[1] for p in parts]
     # Spawning is possible again once every blocking quota has returned.
     retry = None if any(r is None for r in returns) else max(r for r in returns if r is not None)
-    reason = "quota_exceeded" if any(s.exceeded for s in blocking) else "quota_insufficient"
+    reason = "quota_exceeded" if any(s.breached for s in blocking) else "quota_insufficient"
     return SpawnVerdict(False, reason, message, retry, tuple(s.quota.name for s in blocking))
 
 

@@ -21,13 +21,14 @@ import nats.errors
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
 
-from . import records
+from . import metrics, records
 from .domain import effective_quotas
 from .engine import Terminate, decide
 from .journal import UNAVAILABLE
 from .live import LiveState
 from .orders import translate
 from .records import DecisionRecord, OutboxRow
+from .reissue import Attempt, backoff
 from .standings import View, pool_members, resolve_groups, standings_for
 from .workloads import LIVE_WITHOUT_START
 
@@ -56,6 +57,9 @@ class Enforcer:
         self._version: str | None = None
         self._last_sweep = 0.0
         self._events_stream: bool | None = None
+        # Per subject: when its next re-issue falls due, and workloads ignoring a command.
+        self._due: dict[str, datetime] = {}
+        self._ignoring: dict[str, dict[str, Attempt]] = {}
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.2
@@ -99,6 +103,10 @@ class Enforcer:
             live.dirty |= self._sweep_targets(view)
             live.holds.expire(view.now)
             live.book.forget_stopped_before(view.now - timedelta(days=1))
+        due = {s for s, at in self._due.items() if at <= view.now}
+        for s in due:
+            del self._due[s]
+        live.dirty |= due
         subjects, live.dirty = live.dirty, set()
         try:
             return await self._evaluate(view, subjects)
@@ -118,13 +126,18 @@ class Enforcer:
         subjects = {s for s in subjects if self.owns(s)}
         rows: list[tuple[DecisionRecord, OutboxRow]] = []
         opened, closed, terminations = [], [], []
+        resumed, live.resumed = live.resumed, []
         for subject in sorted(subjects):
             groups = resolve_groups(config, live.book, subject)
             running = live.book.running_for(subject, view.usage, view.now)
             standings = standings_for(view, subject, groups, running=running)
             plan = decide(
-                subject, standings, running, live.marks.get(subject, {}), live.sent, view.now
-            )
+                subject, standings, running, live.marks.get(subject, {}), live.sent, view.now,
+                attempts=live.attempts, reissue=config.reissue,
+                usage_until={w.workload: t for w in running
+                             if (t := view.usage.sampled_until(w.workload)) is not None},
+            )  # fmt: skip
+            self._follow_up(subject, plan.due, plan.ignoring)
             if not plan:
                 continue
             opened += plan.opened
@@ -141,14 +154,21 @@ class Enforcer:
                     )
                 )
                 if isinstance(action, Terminate):
-                    terminations.append(action.command_id)
-        if not (rows or opened or closed):
+                    terminations.append(action)
+        if not (rows or opened or closed or resumed):
             return 0
-        async with self.pool.acquire() as conn:
-            new = await records.save_plan(
-                conn, [r for r, _ in rows], [o for _, o in rows], opened, closed, view.now
-            )
-        live.sent.update(terminations)
+        try:
+            async with self.pool.acquire() as conn:
+                new = await records.save_plan(
+                    conn, [r for r, _ in rows], [o for _, o in rows], opened, closed, view.now,
+                    terminations, resumed,
+                )  # fmt: skip
+        except BaseException:
+            live.resumed = resumed + live.resumed  # recorded with the next plan
+            raise
+        live.sent.update(t.command_id for t in terminations)
+        for t in terminations:
+            self._attempted(t, view.now, t.command_id in new)
         for key in closed:
             live.marks.get(key.subject, {}).pop(key, None)
         for mark in opened:
@@ -157,6 +177,37 @@ class Enforcer:
             if record.decision_id in new:
                 log.info("%s", record.message)
         return len(new)
+
+    def _follow_up(self, subject: str, due: datetime | None, ignoring: list[Attempt]) -> None:
+        """Remember when to look at `subject` again, and who ignores commands (the gauge)."""
+        if due is None:
+            self._due.pop(subject, None)
+        else:
+            self._due[subject] = due
+        if ignoring:
+            self._ignoring[subject] = {a.workload: a for a in ignoring}
+        else:
+            self._ignoring.pop(subject, None)
+        metrics.DISOBEYING.set(sum(len(v) for v in self._ignoring.values()))
+
+    def _attempted(self, t: Terminate, now: datetime, new: bool) -> None:
+        w, grace = t.workload, t.standing.quota.grace_seconds
+        self.live.attempts[t.crossing] = Attempt(
+            t.crossing, t.attempt, t.command_id, now, grace, w.host, w.workload
+        )
+        if t.previous is None or not new:
+            return
+        metrics.REISSUED.labels(w.host).inc()
+        wait = backoff(self.live.config.current().reissue, t.attempt).total_seconds()
+        log.warning(
+            "host %s does not obey: workload %s of %s still sends usage (sampled up to %s) "
+            "after terminate command %d (%s, decided %s, %s s of grace); sent command %d "
+            "(%s), and the next in %.0f s if its usage keeps coming",
+            w.host, w.workload, w.subject,
+            t.usage_until.isoformat() if t.usage_until else "?",
+            t.previous.number, t.previous.command_id, t.previous.decided_at.isoformat(),
+            t.previous.grace_seconds, t.attempt, t.command_id, wait,
+        )  # fmt: skip
 
     async def publish_pending(self) -> int:
         """Publish this partition's outbox rows not yet published, oldest first."""

@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 
-from .domain import Standing, retry_at
+from .config import Reissue
+from .domain import Standing, retry_at, unblock_at
+from .reissue import Attempt, attempt_id
+from .reissue import due as next_due
 from .workloads import Workload
 
 EXCEEDED = "exceeded"
@@ -49,6 +52,13 @@ class Terminate:
     command_id: str
     workload: Workload
     standing: Standing
+    attempt: int = 1
+    previous: Attempt | None = None  # the command this one repeats (attempt > 1)
+    usage_until: datetime | None = None  # the latest usage sampled, the proof it still runs
+
+    @property
+    def crossing(self) -> str:
+        return self.previous.crossing if self.previous else self.command_id
 
 
 @dataclass(frozen=True)
@@ -63,6 +73,7 @@ class Unblock:
     subject: str
     quota: str
     why: str
+    standing: Standing | None = None  # how the quota stands now, when it still applies
 
 
 @dataclass(frozen=True)
@@ -98,6 +109,10 @@ class Plan:
     actions: list[Action] = field(default_factory=list)
     opened: list[Mark] = field(default_factory=list)
     closed: list[MarkKey] = field(default_factory=list)
+    # Workloads still sending usage after their last terminate command, and when the
+    # next attempt for one of them becomes due (the enforcer looks again then).
+    ignoring: list[Attempt] = field(default_factory=list)
+    due: datetime | None = None
 
     def __bool__(self) -> bool:
         return bool(self.actions or self.opened or self.closed)
@@ -129,6 +144,20 @@ def _episode(
     return False, current
 
 
+def key_of(marks: Mapping[MarkKey, Mark], subject: str, quota: str) -> bool:
+    """Whether a spawn block of `quota` is open for `subject`."""
+    return MarkKey(subject, quota, "", BLOCK) in marks
+
+
+def _why_unblocked(s: Standing) -> str:
+    q = s.quota
+    if not q.hard:
+        return "the quota is soft now"
+    if q.grants and s.used >= q.base_limit * (1 + q.grace):
+        return "a grant raised the limit"
+    return "back under the limit"
+
+
 def decide(
     subject: str,
     standings: Sequence[Standing],
@@ -136,8 +165,17 @@ def decide(
     marks: Mapping[MarkKey, Mark],
     sent: Iterable[str] | set[str],
     now: datetime,
+    *,
+    attempts: Mapping[str, Attempt] | None = None,
+    usage_until: Mapping[str, datetime] | None = None,
+    reissue: Reissue | None = None,
 ) -> Plan:
-    """The actions a subject's standings call for, given marks already open and ids sent."""
+    """The actions a subject's standings call for, given marks already open and ids sent.
+
+    With `reissue`, a workload that keeps sending usage after its terminate command
+    (`attempts`: the latest command per crossing; `usage_until`: each workload's latest
+    usage sample) is terminated again on the backoff of `reissue.py`.
+    """
     sent = sent if isinstance(sent, set) else set(sent)
     plan = Plan()
     seen: set[MarkKey] = set()
@@ -161,23 +199,42 @@ def decide(
                 plan.actions.append(Forecast(subject, s, s.projected))
             elif opened and not s.exceeded:
                 plan.actions.append(Warn(subject, s, Decimal(kind.split(":", 1)[1])))
-        if "spawn" in q.enforce and q.per != "workload":
+        if (
+            "spawn" in q.enforce
+            and q.per != "workload"
+            and (q.hard or key_of(marks, subject, q.name))
+        ):
+            # Blocks follow the enforced limit (limit plus grace) of hard quotas; a quota
+            # made soft while it blocked lets its block go.
             key = MarkKey(subject, q.name, "", BLOCK)
             seen.add(key)
-            until = retry_at(q, s.used, s.buckets, now) if s.exceeded else None
-            opened, current = _episode(plan, marks, key, s.period, s.exceeded, until)
-            if opened or (current is not None and s.exceeded and current.until != until):
+            until = unblock_at(q, s.used, s.buckets, now) if s.breached else None
+            opened, current = _episode(plan, marks, key, s.period, s.breached, until)
+            if opened or (current is not None and s.breached and current.until != until):
                 if not opened:
                     plan.opened.append(Mark(key, s.period, until))
                 plan.actions.append(Block(subject, s, until))
             elif key in plan.closed:
-                plan.actions.append(Unblock(subject, q.name, "back under the limit"))
-        if "terminate" in q.enforce and s.exceeded:
+                plan.actions.append(Unblock(subject, q.name, _why_unblocked(s), s))
+        if "terminate" in q.enforce and s.breached:
             targets = [w for w in running if s.workload in (None, w.workload)]
             for w in targets:
                 cid = command_id(q.name, subject, s.period, w.workload)
-                if cid not in sent:
-                    plan.actions.append(Terminate(cid, w, s))
+                last = (attempts or {}).get(cid)
+                if last is None or reissue is None or not reissue.enabled:
+                    if cid not in sent:
+                        plan.actions.append(Terminate(cid, w, s))
+                    continue
+                until = (usage_until or {}).get(w.workload)
+                due = next_due(reissue, last, w.started_at, until)
+                if due is None:
+                    continue
+                plan.ignoring.append(last)
+                if now < due:
+                    plan.due = due if plan.due is None else min(plan.due, due)
+                    continue
+                n = last.number + 1
+                plan.actions.append(Terminate(attempt_id(cid, n), w, s, n, last, until))
     for key in sorted(set(marks) - seen):
         # The quota no longer applies (config change, groups moved) or its workload ended.
         plan.closed.append(key)

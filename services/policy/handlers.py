@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 
 from pydantic import ValidationError
 
 from contracts import PayloadError, parse_json
+from contracts.errors import (
+    INVALID_REQUEST,
+    ErrorCode,
+    ErrorReply,
+    FieldError,
+    describe,
+    field_errors,
+)
 from contracts.spawn import REQUEST_SCHEMA, SpawnDecision, SpawnRequest
 
 from .config import PolicyConfig
 from .domain import RESERVABLE, decide_spawn, need_of
 from .journal import DecisionJournal
 from .live import LiveState
+from .orders import quota_inputs
 from .records import DecisionRecord
 from .reservations import hold
 from .standings import Ask, display_standings, resolve_groups, standings_for
@@ -24,7 +32,11 @@ log = logging.getLogger("tollgate.policy")
 
 
 class BadRequest(ValueError):
-    """A spawn request that cannot be answered; the reply says why."""
+    """A spawn request that cannot be answered; the reply says why and names the field."""
+
+    def __init__(self, message: str, errors: list[FieldError] | None = None) -> None:
+        super().__init__(message)
+        self.errors = errors or []
 
 
 def parse_request(body: bytes) -> SpawnRequest:
@@ -33,15 +45,15 @@ def parse_request(body: bytes) -> SpawnRequest:
         data = parse_json(body)
     except PayloadError as exc:
         raise BadRequest(str(exc)) from None
-    if data.get("schema", REQUEST_SCHEMA) != REQUEST_SCHEMA:
-        raise BadRequest(f"schema {data.get('schema')!r} is not {REQUEST_SCHEMA!r}")
+    schema = data.get("schema", REQUEST_SCHEMA)
+    if schema != REQUEST_SCHEMA:
+        wrong = FieldError(field="schema", message=f"{schema!r} is not {REQUEST_SCHEMA!r}")
+        raise BadRequest(describe([wrong]), [wrong])
     try:
         return SpawnRequest.model_validate(data)
     except ValidationError as exc:
-        where = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:5]
-        )
-        raise BadRequest(where) from None
+        errors = field_errors(exc)
+        raise BadRequest(describe(errors, exc.error_count() - len(errors)), errors) from None
 
 
 class SpawnChecker:
@@ -132,6 +144,7 @@ class SpawnChecker:
                             "period": s.period,
                             "workload": s.workload,
                             "enforce": sorted(s.quota.enforce),
+                            **quota_inputs(s.quota),
                         }
                         for s in standings
                     ],
@@ -214,13 +227,15 @@ class SpawnChecker:
         )
 
 
-def error_reply(message: str) -> bytes:
-    """The reply to a request that could not be parsed."""
-    return json.dumps(
-        {
-            "schema": "tollgate.error.v1",
-            "error": "invalid_request",
-            "message": f"{message}. Send a tollgate.spawn_request.v1 object.",
-            "at": datetime.now(UTC).isoformat(),
-        }
-    ).encode()
+def error_reply(
+    message: str, errors: list[FieldError] | None = None, error: ErrorCode = "invalid_request"
+) -> bytes:
+    """The `tollgate.error.v1` reply to a request that could not be decided."""
+    errors = errors or []
+    hint = " Send a tollgate.spawn_request.v1 object." if error == INVALID_REQUEST else ""
+    return ErrorReply(
+        error=error,
+        message=f"{message}.{hint}",
+        field=errors[0].field if errors else None,
+        errors=errors,
+    ).to_json()

@@ -18,6 +18,8 @@ from nats.js import JetStreamContext
 from pydantic import ValidationError
 
 from contracts import PayloadError, parse_json
+from contracts.dlq import DeadLetter, DeadLetterReason, host_of_subject, invalid
+from contracts.errors import printable
 from contracts.workloads import (
     STARTED_SCHEMA,
     STOPPED_SCHEMA,
@@ -27,6 +29,7 @@ from contracts.workloads import (
     workloads_wildcard,
 )
 from tollgate.bus import durable_pull
+from tollgate.deadletters import file_dead_letter
 
 from . import roster
 from .journal import UNAVAILABLE
@@ -36,14 +39,36 @@ from .workloads import Workload
 log = logging.getLogger("tollgate.policy.workloads")
 
 
-def parse_lifecycle(body: bytes) -> WorkloadStarted | WorkloadStopped:
-    data = parse_json(body)
+def parse_lifecycle(subject: str, body: bytes) -> WorkloadStarted | WorkloadStopped:
+    """Validate one workload event; raise DeadLetter with the reason if it is unusable."""
+    try:
+        data = parse_json(body)
+    except PayloadError as exc:
+        raise DeadLetter(DeadLetterReason.INVALID_JSON, str(exc)) from None
     schema = data.get("schema")
+    kind: type[WorkloadStarted | WorkloadStopped]
     if schema == STARTED_SCHEMA:
-        return WorkloadStarted.model_validate(data)
-    if schema == STOPPED_SCHEMA:
-        return WorkloadStopped.model_validate(data)
-    raise PayloadError(f"schema {schema!r} is not a workload lifecycle event")
+        kind = WorkloadStarted
+    elif schema == STOPPED_SCHEMA:
+        kind = WorkloadStopped
+    else:
+        raise DeadLetter(
+            DeadLetterReason.UNKNOWN_SCHEMA,
+            f"schema {schema!r} is not a workload lifecycle event "
+            f"({STARTED_SCHEMA!r} or {STOPPED_SCHEMA!r})",
+        )
+    try:
+        event = kind.model_validate(data)
+    except ValidationError as exc:
+        raise invalid(exc) from None
+    subject_host = host_of_subject(subject)
+    if event.host is not None and event.host != subject_host:
+        raise DeadLetter(
+            DeadLetterReason.HOST_MISMATCH,
+            f"event host {event.host!r} was published on the subject of host "
+            f"{subject_host!r}; a host may only report its own workloads",
+        )
+    return event
 
 
 class WorkloadFollower:
@@ -118,15 +143,19 @@ class WorkloadFollower:
 
     async def handle(self, msg: Msg) -> None:
         try:
-            event = parse_lifecycle(msg.data)
-        except (PayloadError, ValidationError) as exc:
+            event = parse_lifecycle(msg.subject, msg.data)
+            self._check_owner(msg.subject, event)
+        except DeadLetter as dead:
             log.error(
-                "workload event %s on %s is not valid (%s); skipped",
+                "workload event %s on %s is a dead letter %s: %s",
                 msg.metadata.sequence.stream,
                 msg.subject,
-                exc,
+                dead.reason.value,
+                printable(dead.detail, 1000),
             )
-            await msg.term()
+            await file_dead_letter(
+                self.js, msg, dead.reason, dead.detail, prefix=self.prefix, consumer=self.durable
+            )
             return
         async with self.pool.acquire() as conn:
             await roster.apply_workload_event(
@@ -134,6 +163,19 @@ class WorkloadFollower:
             )
         self.evolve(event)
         await msg.ack()
+
+    def _check_owner(self, subject: str, event: WorkloadStarted | WorkloadStopped) -> None:
+        """Only the host a workload runs on may stop it (its `host` field is optional)."""
+        if not isinstance(event, WorkloadStopped):
+            return
+        known = self.live.book.running.get(event.workload)
+        host = host_of_subject(subject)
+        if known is not None and known.host != host:
+            raise DeadLetter(
+                DeadLetterReason.HOST_MISMATCH,
+                f"host {host!r} reported workload {event.workload!r} stopped, but it runs on "
+                f"{known.host!r}; a host may only report its own workloads",
+            )
 
     def evolve(self, event: WorkloadStarted | WorkloadStopped) -> None:
         book = self.live.book

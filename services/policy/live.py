@@ -13,14 +13,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
+
 from . import metrics
 from .config import PolicyConfig
 from .engine import Mark, MarkKey
+from .grants import GrantBook
+from .reissue import Attempt
 from .reservations import ReservationBook
 from .source import ConfigSource
 from .standings import View
 from .usage import Applied, UsageEvent, UsageState
-from .workloads import WorkloadBook
+from .workloads import Workload, WorkloadBook
 
 log = logging.getLogger("tollgate.policy")
 Clock = Callable[[], datetime]
@@ -73,9 +77,11 @@ class LiveState:
 
     config: ConfigSource
     clock: Clock = utc_now
+    max_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW
     usage: UsageState | None = None  # None until the first snapshot has loaded
     book: WorkloadBook = field(default_factory=WorkloadBook)
     holds: ReservationBook = field(default_factory=ReservationBook)
+    grants: GrantBook = field(default_factory=GrantBook)
     marks: dict[str, dict[MarkKey, Mark]] = field(default_factory=dict)
     sent: set[str] = field(default_factory=set)
     dirty: set[str] = field(default_factory=set)
@@ -83,6 +89,8 @@ class LiveState:
     stats: PolicyStats = field(default_factory=PolicyStats)
     fresh_at: datetime | None = None
     head_seen: int = 0
+    resumed: list[Workload] = field(default_factory=list)  # to record as running again
+    attempts: dict[str, Attempt] = field(default_factory=dict)  # latest command per crossing
 
     @property
     def ready(self) -> bool:
@@ -92,8 +100,9 @@ class LiveState:
         """What one decision reads: one config version, the state, one instant."""
         assert self.usage is not None, "usage state not loaded yet"
         return View(
-            config or self.config.current(), self.usage, self.book, self.holds, now or self.clock()
-        )
+            config or self.config.current(), self.usage, self.book, self.holds,
+            now or self.clock(), max_skew=self.max_skew, grants=self.grants,
+        )  # fmt: skip
 
     def staleness(self, now: datetime) -> timedelta | None:
         """How long since the state was last known to hold everything the ledger had."""
@@ -129,9 +138,26 @@ class LiveState:
                 self.stats.bump("usage_events_applied")
                 self.holds.consume(e.subject, e.workload, e.metric, e.delta)
                 self.dirty.add(e.subject)
+                if e.workload in self.book.stopped and e.delta > 0:
+                    self._maybe_resumed(e)
         if self.dirty:
             self.wake.set()
         return Applied.APPLIED
+
+    def _maybe_resumed(self, e: UsageEvent) -> None:
+        """Usage sampled after a workload's stop (plus `reissue.settle`, so its final
+        sample does not count) means it runs again."""
+        stopped = self.book.stopped[e.workload]
+        if e.at <= stopped + self.config.current().reissue.settle:
+            return
+        w = self.book.resume(e.workload, e.subject, e.host, e.at)
+        if w is not None:
+            self.resumed.append(w)
+            log.warning(
+                "workload %s of %s on host %s reported usage sampled at %s, after it stopped "
+                "at %s: running again (it was restarted or never stopped)",
+                w.workload, w.subject, w.host, e.at.isoformat(), stopped.isoformat(),
+            )  # fmt: skip
 
     def replace_usage(self, usage: UsageState, now: datetime) -> None:
         """Take a fresh snapshot (start, or a resync after a config needs more history)."""

@@ -37,3 +37,12 @@ STALENESS = Gauge(
     "tollgate_policy_usage_staleness_seconds",
     "Seconds since the state was last known to hold everything the ledger had",
 )
+REISSUED = Counter(
+    "tollgate_policy_terminate_reissued",
+    "Terminate commands sent again because the workload's usage kept coming, by host",
+    ["host"],
+)
+DISOBEYING = Gauge(
+    "tollgate_policy_disobeying_workloads",
+    "Workloads still sending usage after their last terminate command (and its grace)",
+)

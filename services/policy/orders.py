@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from functools import partial
 
@@ -23,9 +23,10 @@ from contracts.quota_events import (
     quota_events_subject,
 )
 
-from .domain import Standing, when
+from .domain import EffectiveQuota, Standing, when
 from .engine import Action, Block, Exceeded, Forecast, Terminate, Unblock, Warn
 from .forecast import rate_per_second
+from .grants import Grant
 from .prices import COST, to_money
 from .records import DecisionRecord, OutboxRow
 from .units import format_number
@@ -35,12 +36,55 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()[:32]
 
 
+def _at(t: datetime) -> str:
+    return t.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _used(s: Standing) -> str:
     q = s.quota
-    text = f"{q.amount.number(s.used)} of {q.show(q.limit)} ({q.name})"
+    text = f"{q.amount.number(s.used)} of {q.limit_text()} ({q.name})"
     if q.window.workload_hour:
-        return f"{text} in hour {s.period.removeprefix('h')} of the workload"
-    return f"{text} {q.window.describe()}"
+        text = f"{text} in hour {s.period.removeprefix('h')} of the workload"
+    else:
+        text = f"{text} {q.window.describe()}"
+    if q.hard and q.grace and s.breached:
+        text += f", past its {q.grace:%} grace"
+    return text
+
+
+def _lapsed(s: Standing) -> str:
+    """Grants that no longer lift the quota: why a block came back."""
+    q, parts = s.quota, []
+    for g in q.lapsed:
+        if g.revoked_at is not None:
+            parts.append(
+                f"grant {g.grant_id} ({q.show(g.amount)}) revoked {when(g.revoked_at)} by "
+                f"{g.revoked_by}: {g.revoke_reason}"
+            )
+        else:
+            parts.append(f"grant {g.grant_id} ({q.show(g.amount)}) expired {when(g.expires_at)}")
+    return "; ".join(parts)
+
+
+def _grant_inputs(g: Grant) -> dict[str, object]:
+    return {
+        "grant_id": g.grant_id, "scope": g.scope, "target": g.target, "amount": g.amount,
+        "expires_at": g.expires_at, "granted_by": g.granted_by, "seq": g.seq,
+        "revoked_at": g.revoked_at,
+    }  # fmt: skip
+
+
+def quota_inputs(q: EffectiveQuota) -> dict[str, object]:
+    """What a decision stores of a quota beyond usage: mode, grace and grants."""
+    return {
+        "mode": q.mode,
+        "grace": q.grace,
+        "base_limit": q.base_limit,
+        "enforced_limit": q.enforced_limit,
+        "grants": [_grant_inputs(g) for g in q.grants],
+        "lapsed_grants": [_grant_inputs(g) for g in q.lapsed],
+        "grant_seq": q.grant_seq,
+    }
 
 
 def _wire(metric: str, base: Decimal) -> Decimal:
@@ -108,6 +152,7 @@ def _inputs(s: Standing, extra: dict[str, object] | None = None) -> dict[str, ob
         "period": s.period,
         "rules": [r.name for r in q.rules],
         "enforce": sorted(q.enforce),
+        **quota_inputs(q),
     }
     out.update(extra or {})
     return out
@@ -145,6 +190,21 @@ def translate(
             f"Terminate {w.workload} on {w.host}: {w.subject} used {_used(s)}; "
             f"{q.reason}, SIGKILL after {format_number(q.grace_seconds)} s of grace."
         )
+        repeat: dict[str, object] = {"attempt": action.attempt, "crossing": action.crossing}
+        if action.previous is not None:
+            p = action.previous
+            message = (
+                f"Terminate {w.workload} on {w.host} again (command {action.attempt}): it "
+                f"still sent usage sampled at {_at(action.usage_until or now)}, after "
+                f"command {p.number} at {_at(p.decided_at)} and its "
+                f"{format_number(p.grace_seconds)} s of grace; {w.subject} used {_used(s)}."
+            )
+            repeat |= {
+                "previous_command_id": p.command_id,
+                "previous_decided_at": p.decided_at,
+                "previous_host": p.host,
+                "usage_until": action.usage_until,
+            }
         record = decision(
             decision_id=action.command_id,
             kind="terminate",
@@ -160,6 +220,7 @@ def translate(
                     "started_at": w.started_at,
                     "announced": w.announced,
                     "grace_seconds": q.grace_seconds,
+                    **repeat,
                 },
             ),
         )
@@ -167,8 +228,17 @@ def translate(
         return record, OutboxRow(action.command_id, record.decision_id, subject, payload.to_json())
     if isinstance(action, Block):
         s, q = action.standing, action.standing.quota
-        msg_id = "block-" + _digest(action.subject, q.name, s.period, str(action.until))
+        # The grant record's position is part of the id: a block that returns when a grant
+        # is revoked is a new command, while re-deciding the same one after a restart is not.
+        msg_id = "block-" + _digest(
+            action.subject,
+            q.name,
+            s.period,
+            str(action.until),
+            *([str(q.grant_seq)] * bool(q.grant_seq)),
+        )
         until = f"until {when(action.until)}" if action.until else "until an admin raises it"
+        lapsed = _lapsed(s)
         record = decision(
             decision_id=msg_id,
             kind="block",
@@ -177,7 +247,8 @@ def translate(
             reason="quota_exceeded",
             quota=q.name,
             inputs=_inputs(s, {"until": action.until}),
-            message=f"Block spawns of {action.subject} {until}: used {_used(s)}.",
+            message=f"Block spawns of {action.subject} {until}: used {_used(s)}"
+            + (f"; {lapsed}." if lapsed else "."),
         )
         block = SpawnBlock(
             subject=action.subject, quota=q.name, reason="quota_exceeded", until=action.until
@@ -187,6 +258,10 @@ def translate(
         )
     if isinstance(action, Unblock):
         msg_id = f"unblock-{uuid.uuid4().hex}"
+        now_used = "" if action.standing is None else f" (used {_used(action.standing)})"
+        inputs: dict[str, object] = {"why": action.why}
+        if action.standing is not None:
+            inputs.update(_inputs(action.standing))
         record = decision(
             decision_id=msg_id,
             kind="unblock",
@@ -194,8 +269,8 @@ def translate(
             allowed=True,
             reason=action.why.replace(" ", "_"),
             quota=action.quota,
-            inputs={"why": action.why},
-            message=f"Unblock spawns of {action.subject} ({action.quota}): {action.why}.",
+            inputs=inputs,
+            message=f"Unblock spawns of {action.subject} ({action.quota}): {action.why}{now_used}.",
         )
         unblock = SpawnBlock(subject=action.subject, quota=action.quota, reason=action.why)
         return record, OutboxRow(

@@ -11,8 +11,10 @@ from typing import Any
 
 import asyncpg
 
-from .engine import Mark, MarkKey
+from .engine import Mark, MarkKey, Terminate
+from .reissue import Attempt
 from .reservations import Reservation
+from .workloads import Workload
 
 
 def to_json(value: Any) -> str:
@@ -97,6 +99,8 @@ async def save_plan(
     opened: Sequence[Mark],
     closed: Sequence[MarkKey],
     now: datetime,
+    terminations: Sequence[Terminate] = (),
+    resumed: Sequence[Workload] = (),
 ) -> set[str]:
     """Decisions, their messages and the marks they open/close, in one transaction.
 
@@ -137,7 +141,67 @@ async def save_plan(
                     for m in opened
                 ],
             )
+        await _note_resumed(conn, resumed)
+        await _note_terminations(conn, [t for t in terminations if t.command_id in new], now)
     return new
+
+
+async def _note_resumed(conn: asyncpg.Connection, resumed: Sequence[Workload]) -> None:
+    """Workloads whose usage outlived their stop: running again, with the stop they outlived."""
+    await conn.executemany(
+        """UPDATE policy_workloads SET stopped_at = NULL, exit_status = NULL, stop_reason = NULL,
+               resumed_at = $2, resumed_from = $3, host = $4
+           WHERE workload = $1 AND stopped_at IS NOT NULL AND stopped_at = $3""",
+        [(w.workload, w.started_at, w.resumed_from, w.host) for w in resumed],
+    )
+
+
+async def _note_terminations(
+    conn: asyncpg.Connection, terminations: Sequence[Terminate], now: datetime
+) -> None:
+    """Count each command on its workload's row (a row made now for one known by usage)."""
+    await conn.executemany(
+        """INSERT INTO policy_workloads (workload, subject, host, started_at, announced,
+               terminate_commands, ignored_commands, last_command_at, usage_after_command)
+           VALUES ($1, $2, $3, $4, false, $5, $5 - 1, $6, $7)
+           ON CONFLICT (workload) DO UPDATE SET
+               terminate_commands = policy_workloads.terminate_commands + 1,
+               ignored_commands = greatest(policy_workloads.ignored_commands,
+                                           EXCLUDED.ignored_commands),
+               last_command_at = EXCLUDED.last_command_at,
+               usage_after_command = coalesce(EXCLUDED.usage_after_command,
+                                              policy_workloads.usage_after_command)""",
+        [
+            (
+                t.workload.workload, t.workload.subject, t.workload.host,
+                t.workload.started_at, t.attempt, now, t.usage_until,
+            )
+            for t in terminations
+        ],
+    )  # fmt: skip
+
+
+async def load_attempts(conn: asyncpg.Connection, since: datetime) -> dict[str, Attempt]:
+    """The latest terminate command of each crossing decided since `since`."""
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (crossing) crossing, number, decision_id, decided_at, grace,
+                  host, workload
+           FROM (SELECT coalesce(inputs->>'crossing', decision_id) AS crossing,
+                        coalesce((inputs->>'attempt')::int, 1) AS number, decision_id,
+                        decided_at, coalesce(inputs->>'grace_seconds', '0') AS grace,
+                        coalesce(inputs->>'host', '') AS host, workload
+                 FROM policy_decisions
+                 WHERE kind = 'terminate' AND decided_at >= $1) AS t
+           ORDER BY crossing, number DESC""",
+        since,
+    )
+    return {
+        r["crossing"]: Attempt(
+            r["crossing"], r["number"], r["decision_id"], r["decided_at"], Decimal(r["grace"]),
+            r["host"], r["workload"] or "",
+        )
+        for r in rows
+    }  # fmt: skip
 
 
 async def load_marks(conn: asyncpg.Connection) -> dict[str, dict[MarkKey, Mark]]:

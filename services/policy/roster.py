@@ -36,8 +36,9 @@ async def load_book(conn: asyncpg.Connection, now: datetime) -> WorkloadBook:
     """Running workloads, those stopped in the last day, and reported groups."""
     book = WorkloadBook()
     for r in await conn.fetch(
-        """SELECT workload, subject, host, groups, started_at, stopped_at FROM policy_workloads
-           WHERE stopped_at IS NULL OR stopped_at >= $1""",
+        """SELECT workload, subject, host, groups, started_at, stopped_at, announced,
+                  resumed_from
+           FROM policy_workloads WHERE stopped_at IS NULL OR stopped_at >= $1""",
         now - timedelta(days=1),
     ):
         if r["stopped_at"] is not None:
@@ -45,9 +46,10 @@ async def load_book(conn: asyncpg.Connection, now: datetime) -> WorkloadBook:
         elif r["started_at"] is not None:
             book.start(
                 Workload(
-                    r["workload"], r["subject"], r["host"], r["started_at"], tuple(r["groups"])
+                    r["workload"], r["subject"], r["host"], r["started_at"], tuple(r["groups"]),
+                    announced=r["announced"], resumed_from=r["resumed_from"],
                 )
-            )
+            )  # fmt: skip
     for r in await conn.fetch("SELECT subject, groups FROM policy_subject_groups"):
         book.groups[r["subject"]] = tuple(r["groups"])
     return book
@@ -75,8 +77,13 @@ async def apply_workload_event(
                        started_at) VALUES ($1, $2, $3, $4, $5::jsonb, $6)
                    ON CONFLICT (workload) DO UPDATE SET subject = EXCLUDED.subject,
                        host = EXCLUDED.host, groups = EXCLUDED.groups,
-                       resources = EXCLUDED.resources, started_at = EXCLUDED.started_at
-                   WHERE policy_workloads.started_at IS NULL""",
+                       resources = EXCLUDED.resources, started_at = EXCLUDED.started_at,
+                       announced = true, stopped_at = NULL, exit_status = NULL,
+                       stop_reason = NULL
+                   -- first word of it, a row the policy made from usage, or the same
+                   -- name started again after its stop
+                   WHERE policy_workloads.started_at IS NULL OR NOT policy_workloads.announced
+                      OR policy_workloads.stopped_at < EXCLUDED.started_at""",
                 event.workload,
                 event.subject,
                 event.host,

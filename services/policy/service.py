@@ -11,10 +11,13 @@ from datetime import timedelta
 import asyncpg
 from nats.aio.client import Client
 
+from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
+
 from . import records, roster, store
 from .config import PolicyConfig
 from .enforcer import Enforcer
 from .feed import UsageFollower
+from .grantfeed import GrantFollower
 from .handlers import SpawnChecker
 from .journal import UNAVAILABLE, DecisionJournal
 from .lifecycle import WorkloadFollower
@@ -48,6 +51,7 @@ class PolicyService:
         sweep_every: float = 10.0,
         partition: int = 0,
         partitions: int = 1,
+        max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
     ) -> None:
         self.pool = pool
         # Partitioned, this instance decides only for its own subjects, but follows the
@@ -55,7 +59,7 @@ class PolicyService:
         # each with durables of its own.
         self.owns = Ownership(partition, partitions)
         suffix = f"-p{partition}" if partitions > 1 else ""
-        self.live = LiveState(config, clock)
+        self.live = LiveState(config, clock, max_skew=max_clock_skew)
         self.journal = DecisionJournal(pool, self.live.stats)
         self.checker = SpawnChecker(self.live, self.journal)
         self.usage = UsageFollower(nc, pool, self.live, prefix, durable=f"policy{suffix}")
@@ -63,6 +67,7 @@ class PolicyService:
             nc, pool, self.live, prefix, durable=f"policy-workloads{suffix}"
         )
         self.enforcer = Enforcer(nc, pool, self.live, prefix, sweep_every, owns=self.owns)
+        self.grants = GrantFollower(nc, pool, self.live, prefix, poll_every=sweep_every)
         self.ready = asyncio.Event()
         self._loaded_horizon = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -75,8 +80,10 @@ class PolicyService:
             live.book = await roster.load_book(conn, now)
             live.marks = await records.load_marks(conn)
             live.sent = await records.load_sent(conn, now - SENT_MEMORY)
+            live.attempts = await records.load_attempts(conn, now - SENT_MEMORY)
             holds = await records.load_holds(conn, now)
         await self.workloads.catch_up()
+        await self.grants.start()
         # The feed's consumer exists before the snapshot, so nothing falls between them.
         await self.usage.ensure_subscribed()
         await self.resync()
@@ -108,6 +115,7 @@ class PolicyService:
             minute_metrics=minute_metrics(config),
             running=sorted(live.book.running),
             pricebook=config.pricebook,
+            max_skew=live.max_skew,
         )
         async with self.pool.acquire() as conn:
             usage = await store.load_snapshot(conn, spec)
@@ -135,6 +143,7 @@ class PolicyService:
             asyncio.create_task(self.usage.watch(stop), name="policy-ledger-watch"),
             asyncio.create_task(self.workloads.run(stop), name="policy-workloads"),
             asyncio.create_task(self.enforcer.run(stop), name="policy-enforcer"),
+            asyncio.create_task(self.grants.run(stop), name="policy-grants"),
             asyncio.create_task(self.journal.run(stop), name="policy-journal"),
         ]
         try:

@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from decimal import Decimal
 
 from contracts.workloads import Resources
+from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 
 from .config import PolicyConfig
 from .domain import EffectiveQuota, Standing, effective_quotas, need_of
 from .forecast import lookback_start, projected_exhaustion
+from .grants import GrantBook
 from .reservations import ReservationBook
 from .usage import ZERO, Buckets, UsageState
 from .windows import (
     HOUR,
     horizon,
     period_of,
+    reads_until,
     window_start,
     workload_hour_bounds,
     workload_hour_index,
@@ -42,6 +45,13 @@ class View:
     book: WorkloadBook
     holds: ReservationBook
     now: datetime
+    max_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW  # the ledger's clock-skew tolerance
+    grants: GrantBook = field(default_factory=GrantBook)
+
+    @property
+    def until(self) -> datetime:
+        """Where every window read now ends (the same end the API's reads use)."""
+        return reads_until(self.now, self.max_skew)
 
 
 def resolve_groups(
@@ -61,10 +71,12 @@ def pool_members(view: View, quota: EffectiveQuota, subject: str) -> list[str]:
     return sorted(members | {subject})
 
 
-def _merged(buckets: Sequence[Buckets], start: datetime | None) -> list[tuple[datetime, Decimal]]:
+def _merged(
+    buckets: Sequence[Buckets], start: datetime | None, until: datetime
+) -> list[tuple[datetime, Decimal]]:
     merged: dict[datetime, Decimal] = {}
     for b in buckets:
-        for t, a in b.since(start)[1]:
+        for t, a in b.between(start, until)[1]:
             merged[t] = merged.get(t, ZERO) + a
     return sorted(merged.items())
 
@@ -80,10 +92,12 @@ def subject_standing(
     who = pool_members(view, quota, subject) if quota.per == "group" else [subject]
     start = window_start(quota.window, view.now)
     series = [view.usage.subject_usage(s, quota.metric) for s in who]
-    used = sum((b.used_since(start) for b in series), ZERO)
+    used = sum((b.used_between(start, view.until) for b in series), ZERO)
     reserved = view.holds.reserved(who, quota.metric, view.now)
     need = ZERO if ask is None else need_of(quota.metric, ask.resources, ask.seconds)
-    short = used >= quota.limit or used + reserved + need > quota.limit
+    short = used >= quota.limit or used + reserved + need > quota.enforced_limit
+    # The forecast is of the effective limit (grants included), not of the grace past it:
+    # "you run out" is when the limit is reached; the page and the note say the grace.
     projected, recent, since = None, ZERO, None
     recent_start = lookback_start(quota.window, view.now)
     if recent_start is not None:
@@ -91,13 +105,13 @@ def subject_standing(
         recent = sum((r for r, _ in found), ZERO)
         since = min((f for _, f in found if f is not None), default=None)
         projected = projected_exhaustion(
-            quota.window, quota.limit, used, recent, view.now, lambda: _merged(series, start),
-            since,
+            quota.window, quota.limit, used, recent, view.now,
+            lambda: _merged(series, start, view.until), since,
         )  # fmt: skip
     return Standing(
         quota=quota,
         used=used,
-        buckets=tuple(_merged(series, start)) if short else (),
+        buckets=tuple(_merged(series, start, view.until)) if short else (),
         period=period_of(quota.window, view.now),
         reserved=reserved,
         need=need,
@@ -117,7 +131,8 @@ def workload_standing(view: View, quota: EffectiveQuota, w: Workload) -> Standin
     window = quota.window
     if not window.workload_hour:
         start = window_start(window, view.now)
-        used, buckets = view.usage.workload_usage(w.workload, quota.metric).since(start)
+        usage = view.usage.workload_usage(w.workload, quota.metric)
+        used, buckets = usage.between(start, view.until)
         period = period_of(window, view.now)
         return Standing(quota, used, tuple(buckets), period, w.workload)
     started = view.book.started_at(w.workload, view.usage) or w.started_at
@@ -146,7 +161,7 @@ def standings_for(
     workloads = (
         running if running is not None else view.book.running_for(subject, view.usage, view.now)
     )
-    for quota in effective_quotas(view.config, subject, groups):
+    for quota in effective_quotas(view.config, subject, groups, view.grants, view.now):
         if quota.per == "workload":
             found = [workload_standing(view, quota, w) for w in workloads]
             # Shown even with nothing running, so people see the quota exists.

@@ -23,32 +23,40 @@ async def hourly_usage(
     subjects: Sequence[str],
     metric: str,
     since: datetime | None,
+    until: datetime,
 ) -> list[tuple[str, datetime, Decimal]]:
-    """(workload, hour, total) for the subjects and metric from `since` (None: all time)."""
+    """(workload, hour, total) for the subjects and metric in [since, until) (since None:
+    from the beginning)."""
     rows = await conn.fetch(
         """SELECT workload, hour, sum(total) AS total FROM usage_hourly
            WHERE subject = ANY($1::text[]) AND metric = $2
-             AND ($3::timestamptz IS NULL OR hour >= $3)
+             AND ($3::timestamptz IS NULL OR hour >= $3) AND hour < $4
            GROUP BY workload, hour""",
         list(subjects),
         metric,
         since,
+        until,
     )
     return [(r["workload"], r["hour"], r["total"]) for r in rows]
 
 
 async def hourly_totals(
-    conn: asyncpg.Connection, subjects: Sequence[str], metric: str, since: datetime | None
+    conn: asyncpg.Connection,
+    subjects: Sequence[str],
+    metric: str,
+    since: datetime | None,
+    until: datetime,
 ) -> list[tuple[datetime, Decimal]]:
-    """(hour, total) of `metric` over the subjects from `since`, in hour order."""
+    """(hour, total) of `metric` over the subjects in [since, until), in hour order."""
     rows = await conn.fetch(
         """SELECT hour, sum(total) AS total FROM usage_hourly
            WHERE subject = ANY($1::text[]) AND metric = $2
-             AND ($3::timestamptz IS NULL OR hour >= $3)
+             AND ($3::timestamptz IS NULL OR hour >= $3) AND hour < $4
            GROUP BY hour ORDER BY hour""",
         list(subjects),
         metric,
         since,
+        until,
     )
     return [(r["hour"], r["total"]) for r in rows]
 
@@ -77,12 +85,13 @@ async def priced_hours(
 
 @dataclass(frozen=True)
 class TotalSpec:
-    """One quota's question to the rollups: the total of `metric` over `subjects` since
-    `since` (None: all time), per workload when `per_workload`."""
+    """One quota's question to the rollups: the total of `metric` over `subjects` in
+    [since, until) (since None: from the beginning), per workload when `per_workload`."""
 
     subjects: Sequence[str]
     metric: str
     since: datetime | None
+    until: datetime
     per_workload: bool = False
 
 
@@ -100,11 +109,12 @@ async def usage_totals(
     rows = await conn.fetch(
         """SELECT q.i, CASE WHEN q.per_workload THEN h.workload ELSE '' END AS workload,
                   sum(h.total) AS total
-           FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::boolean[])
-                AS q(i, metric, since, per_workload)
+           FROM unnest($1::int[], $2::text[], $3::timestamptz[], $4::boolean[],
+                       $7::timestamptz[])
+                AS q(i, metric, since, per_workload, until)
            JOIN unnest($5::int[], $6::text[]) AS qs(i, subject) ON qs.i = q.i
            JOIN usage_hourly h ON h.subject = qs.subject AND h.metric = q.metric
-                AND (q.since IS NULL OR h.hour >= q.since)
+                AND (q.since IS NULL OR h.hour >= q.since) AND h.hour < q.until
            GROUP BY 1, 2""",
         list(range(len(specs))),
         [spec.metric for spec in specs],
@@ -112,6 +122,7 @@ async def usage_totals(
         [spec.per_workload for spec in specs],
         [i for i, _ in pairs],
         [s for _, s in pairs],
+        [spec.until for spec in specs],
     )
     totals: list[dict[str, Decimal]] = [{} for _ in specs]
     for r in rows:
@@ -171,6 +182,9 @@ class SnapshotSpec:
     minute_metrics: frozenset[str]
     running: Sequence[str]
     pricebook: Pricebook | None = None
+    # The ledger places usage at most its clock-skew tolerance after the sample arrived,
+    # which is before its batch committed: events of the window committed no earlier.
+    max_skew: timedelta = timedelta(0)
 
 
 async def load_snapshot(conn: asyncpg.Connection, spec: SnapshotSpec) -> UsageState:
@@ -227,7 +241,7 @@ async def _minutes(
     low = await conn.fetchval(
         """SELECT last_seq FROM ledger_batches WHERE committed_at < $1
            ORDER BY batch_id DESC LIMIT 1""",
-        since - CLOCK_SLACK,
+        since - CLOCK_SLACK - spec.max_skew,
     )
     rows = await conn.fetch(
         """SELECT workload, metric, date_trunc('minute', window_end) AS minute,

@@ -51,7 +51,7 @@ class Buckets:
     def __init__(self) -> None:
         self.slots: dict[datetime, Decimal] = {}
         self.base = ZERO
-        self._memo: tuple[datetime | None, Decimal] | None = None
+        self._memo: tuple[tuple[datetime | None, datetime], Decimal] | None = None
 
     def add(self, slot: datetime, amount: Decimal) -> None:
         self.slots[slot] = self.slots.get(slot, ZERO) + amount
@@ -65,15 +65,16 @@ class Buckets:
     def total(self) -> Decimal:
         return self.base + sum(self.slots.values(), ZERO)
 
-    def used_since(self, start: datetime | None) -> Decimal:
-        """Usage from `start` (None: all of it), without sorting or copying buckets."""
-        if self._memo is not None and self._memo[0] == start:
+    def used_between(self, start: datetime | None, until: datetime) -> Decimal:
+        """Usage in [start, until) (start None: from the beginning), without sorting or
+        copying buckets."""
+        if self._memo is not None and self._memo[0] == (start, until):
             return self._memo[1]
         if start is None:
-            used = self.total()
+            used = self.base + sum((a for t, a in self.slots.items() if t < until), ZERO)
         else:
-            used = sum((a for t, a in self.slots.items() if t >= start), ZERO)
-        self._memo = (start, used)
+            used = sum((a for t, a in self.slots.items() if start <= t < until), ZERO)
+        self._memo = ((start, until), used)
         return used
 
     def recent(self, start: datetime, now: datetime) -> tuple[Decimal, datetime | None]:
@@ -88,11 +89,14 @@ class Buckets:
             hour += HOUR
         return total, first
 
-    def since(self, start: datetime | None) -> tuple[Decimal, list[tuple[datetime, Decimal]]]:
-        """Usage from `start` (None: all of it) and the buckets that make it up."""
+    def between(
+        self, start: datetime | None, until: datetime
+    ) -> tuple[Decimal, list[tuple[datetime, Decimal]]]:
+        """Usage in [start, until) (start None: from the beginning) and its buckets."""
         if start is None:
-            return self.total(), sorted(self.slots.items())
-        items = sorted((t, a) for t, a in self.slots.items() if t >= start)
+            items = sorted((t, a) for t, a in self.slots.items() if t < until)
+            return self.base + sum((a for _, a in items), ZERO), items
+        items = sorted((t, a) for t, a in self.slots.items() if start <= t < until)
         return sum((a for _, a in items), ZERO), items
 
     def fold_before(self, cutoff: datetime) -> None:
@@ -115,6 +119,10 @@ class Seen:
     host: str
     first: datetime
     last: datetime
+    # The latest sample time of usage folded event by event (never from the hourly
+    # snapshot, whose buckets only say "some time in this hour"): what re-issuing a
+    # terminate command and resuming a stopped workload go by.
+    sampled_until: datetime | None = None
 
 
 @dataclass
@@ -138,6 +146,10 @@ class UsageState:
             return Applied.GAP
         self.last_seq = event.seq
         self.add(event)
+        if event.delta > 0:
+            seen = self.seen[event.workload]
+            if seen.sampled_until is None or event.at > seen.sampled_until:
+                seen.sampled_until = event.at
         return Applied.APPLIED
 
     def add(self, e: UsageEvent) -> None:
@@ -218,6 +230,10 @@ class UsageState:
 
     def workload_minutes(self, workload: str, metric: str) -> Buckets:
         return self.minutes.get((workload, metric)) or Buckets()
+
+    def sampled_until(self, workload: str) -> datetime | None:
+        seen = self.seen.get(workload)
+        return None if seen is None else seen.sampled_until
 
     def workloads_of(self, subject: str) -> list[str]:
         return sorted(self.by_subject.get(subject, ()))

@@ -47,6 +47,17 @@ def calendar_bounds(window: Window, now: datetime) -> tuple[datetime, datetime]:
     return start.astimezone(UTC), end.astimezone(UTC)
 
 
+def reads_until(now: datetime, max_skew: timedelta) -> datetime:
+    """Where every read of usage at `now` ends (exclusive, on a whole hour).
+
+    The ledger places usage no later than `max_skew` after JetStream stored it, so the hour
+    holding `now + max_skew` is the last one that can hold usage. Spawn checks, quotas,
+    usage, reports and the page all end their windows here: usage dated later (a bad clock
+    before the ledger clamped times) counts in none of them, never in some and not others.
+    """
+    return floor_hour(now + max_skew) + HOUR
+
+
 def window_start(window: Window, now: datetime) -> datetime | None:
     """First hour bucket that counts; None for lifetime (everything counts).
 

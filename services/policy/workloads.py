@@ -27,6 +27,7 @@ class Workload:
     started_at: datetime
     groups: tuple[str, ...] = ()
     announced: bool = True  # False: known only from its usage
+    resumed_from: datetime | None = None  # the stop its usage outlived (see `resume`)
 
 
 @dataclass
@@ -39,9 +40,15 @@ class WorkloadBook:
     _by_subject: dict[str, set[str]] = field(default_factory=dict)
 
     def start(self, w: Workload) -> bool:
-        """Record a start; False when the workload is already known stopped or running."""
-        if w.workload in self.stopped or w.workload in self.running:
+        """Record a start; False when the workload is already running, or stopped after
+        this start (a start after the stop is the same name run again)."""
+        stopped = self.stopped.get(w.workload)
+        known = self.running.get(w.workload)
+        if (known is not None and known.announced) or (
+            stopped is not None and w.started_at <= stopped
+        ):
             return False
+        self.stopped.pop(w.workload, None)
         self.running[w.workload] = w
         self._by_subject.setdefault(w.subject, set()).add(w.workload)
         if w.groups:
@@ -55,6 +62,17 @@ class WorkloadBook:
             self._by_subject.get(gone.subject, set()).discard(workload)
         return gone
 
+    def resume(self, workload: str, subject: str, host: str, at: datetime) -> Workload | None:
+        """A stopped workload whose usage is sampled after its stop runs again (a host that
+        restarted it without `workload_started`, or reported a stop it did not make)."""
+        stopped = self.stopped.pop(workload, None)
+        if stopped is None or workload in self.running:
+            return None
+        w = Workload(workload, subject, host, at, announced=False, resumed_from=stopped)
+        self.running[workload] = w
+        self._by_subject.setdefault(subject, set()).add(workload)
+        return w
+
     def learn_groups(self, subject: str, groups: Iterable[str]) -> bool:
         """Integrators' latest word on a subject's groups; True when it changed."""
         new = tuple(sorted(set(groups)))
@@ -66,7 +84,11 @@ class WorkloadBook:
     def running_for(self, subject: str, usage: UsageState, now: datetime) -> list[Workload]:
         """The subject's workloads that terminations should reach."""
         names = self._by_subject.get(subject, set())
-        found = {n: self.running[n] for n in names if n in self.running}
+        found = {
+            n: self.running[n]
+            for n in names
+            if n in self.running and (self.running[n].announced or _recent(usage, n, now))
+        }
         for name in usage.workloads_of(subject):
             seen = usage.seen[name]
             if name in found or name in self.stopped or seen.last < now - LIVE_WITHOUT_START:
@@ -88,3 +110,9 @@ class WorkloadBook:
     def forget_stopped_before(self, cutoff: datetime) -> None:
         for name in [n for n, t in self.stopped.items() if t < cutoff]:
             del self.stopped[name]
+
+
+def _recent(usage: UsageState, workload: str, now: datetime) -> bool:
+    """A workload known only from its usage runs while that usage keeps coming."""
+    seen = usage.seen.get(workload)
+    return seen is not None and seen.last >= now - LIVE_WITHOUT_START

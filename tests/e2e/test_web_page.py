@@ -8,6 +8,7 @@ A screenshot is saved under test-artifacts/.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -55,8 +56,9 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Any]:
+@contextlib.asynccontextmanager
+async def launch() -> AsyncIterator[Any]:
+    """Headless Chromium, closed on exit (other page tests use it too)."""
     async with async_api.async_playwright() as p:
         b = await p.chromium.launch(
             executable_path=str(CHROMIUM if CHROMIUM.exists() else shutil.which("chromium")),
@@ -66,6 +68,12 @@ async def browser() -> AsyncIterator[Any]:
             yield b
         finally:
             await b.close()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Any]:
+    async with launch() as b:
+        yield b
 
 
 async def test_a_user_signs_in_and_sees_their_bars_chart_and_decisions(

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -19,6 +20,9 @@ from tollgate.bus import ensure_streams
 
 # Small, so an oversize message stays under any NATS server's own max_payload (1 MB default).
 MAX_PAYLOAD = 64 * 1024
+# Most tests build history by dating samples in the past, so their ledger trusts host clocks
+# that far; the clock-skew tests (test_clock_skew.py) run ledgers with the real tolerance.
+TRUSTED_CLOCKS = timedelta(days=3650)
 
 
 @pytest.fixture
@@ -32,8 +36,9 @@ async def ledger(
 ) -> AsyncIterator[LedgerService]:
     """A ledger consuming this test's samples in the background."""
     service = LedgerService(
-        nc, pool, prefix=prefix, batch=500, fetch_timeout=0.2, max_payload=MAX_PAYLOAD
-    )
+        nc, pool, prefix=prefix, batch=500, fetch_timeout=0.2, max_payload=MAX_PAYLOAD,
+        max_clock_skew=TRUSTED_CLOCKS,
+    )  # fmt: skip
     await service.subscribe()
     feed = UsageFeed(nc.jetstream(), pool, prefix)
     stop = asyncio.Event()

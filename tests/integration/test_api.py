@@ -295,6 +295,16 @@ async def test_quotas_show_ok_warning_and_exceeded_with_retry_at(
         "enforce": ["spawn"],
         "warn_at": ["0.8"],
         "projected_exhaustion_at": None,  # already used up
+        # SPEC additions: a hard limit without grace or grants enforces at the limit.
+        "mode": "hard",
+        "grace": "0",
+        "enforced_limit": "100",
+        "enforced": True,
+        "grace_remaining": None,
+        "note": None,
+        "base_limit": "100",
+        "granted": "0",
+        "grants": [],
     }
     assert {k: states[over]["cpu-month"][k] for k in ("unit", "used", "limit", "remaining")} == {
         "unit": "core·h",

@@ -274,6 +274,27 @@ quotas:
     d = await spawn(nc, prefix, SpawnRequest(subject=ann))
     assert "USD (budget-1d)" in d.message and d.reason == "quota_exceeded"
 
+    # A grant on a budget is money in the prices' currency: 100 USD lifts the denial.
+    r = await api.post(
+        f"/v1/subjects/{ann}/grants",
+        json={"quota": "budget-1d", "amount": "25 EUR", "expires_in": "7d", "reason": "deadline"},
+    )
+    assert r.status_code == 422 and "in EUR but the prices are in USD" in r.text, r.text
+    r = await api.post(
+        f"/v1/subjects/{ann}/grants",
+        json={"quota": "budget-1d", "amount": "100 USD", "expires_in": "7d", "reason": "deadline"},
+    )
+    assert r.status_code == 201, r.text
+    assert (r.json()["amount"], r.json()["unit"]) == ("100", "USD")
+
+    async def allowed() -> bool:
+        return (await spawn(nc, prefix, SpawnRequest(subject=ann))).allowed
+
+    await wait_until(allowed, 30, "the grant to lift the budget's denial")
+    (st,) = (await spawn(nc, prefix, SpawnRequest(subject=ann))).quotas
+    assert (st.limit, st.base_limit, st.granted) == (140, 40, 100)
+    assert (await api.get(f"/v1/subjects/{ann}/quotas")).json()["quotas"][0]["limit"] == "140"
+
 
 async def fleet_sample_labelled(
     fleet: Fleet, when: datetime, counters: list[tuple[str, str, str, int, str]]

@@ -14,7 +14,7 @@ from services.ledger.domain import usage_batch_hash as fast_hash
 T0 = datetime(2026, 11, 22, tzinfo=UTC)
 names = st.text(alphabet="abcxyz-_%2E", min_size=1, max_size=6)
 deltas = st.builds(
-    lambda host, subject, metric, delta, start, length, reset: UsageDelta(
+    lambda host, subject, metric, delta, start, length, reset, arrived: UsageDelta(
         SeriesKey(host, "e1", subject, f"{subject}-w", metric),
         delta,
         None if start is None else T0 + timedelta(microseconds=start),
@@ -23,6 +23,7 @@ deltas = st.builds(
         1,
         reset,
         {},
+        *arrived,
     ),
     names,
     names,
@@ -31,6 +32,13 @@ deltas = st.builds(
     st.none() | st.integers(0, 10**11),
     st.integers(0, 10**10),
     st.booleans(),
+    # Events before migration 0004 know nothing of their arrival; later ones do.
+    st.just(())
+    | st.tuples(
+        st.just(T0),
+        st.datetimes(timezones=st.just(UTC)),
+        st.none() | st.decimals(min_value=-(10**11), max_value=10**11, places=6),
+    ),
 )
 
 
@@ -57,3 +65,29 @@ def test_the_hash_covers_every_field() -> None:
     ):
         assert fast_hash(GENESIS_HASH, 1, 1, [changed]) != digest
     assert fast_hash(GENESIS_HASH, 1, 2, [base]) != digest
+
+
+def test_the_hash_covers_when_a_sample_arrived_and_its_skew_flag() -> None:
+    arrived = UsageDelta(
+        SeriesKey("h", "e", "s", "w", "log.bytes"), Decimal(5), None, T0, 1, 1, False, {},
+        T0, datetime(2099, 1, 1, tzinfo=UTC), Decimal("2295000000"),
+    )  # fmt: skip
+    digest = fast_hash(GENESIS_HASH, 1, 1, [arrived])
+    for changed in (
+        arrived._replace(clock_skew=None),  # the flag removed
+        arrived._replace(clock_skew=Decimal(1)),
+        arrived._replace(sampled_at=T0),
+        arrived._replace(received_at=T0 + timedelta(seconds=1)),
+        arrived._replace(received_at=None, sampled_at=None, clock_skew=None),
+    ):
+        assert fast_hash(GENESIS_HASH, 1, 1, [changed]) != digest
+
+
+def test_events_from_before_the_clock_skew_columns_hash_exactly_as_they_always_did() -> None:
+    # Pinned from the hash before migration 0004: existing chains keep verifying.
+    old = UsageDelta(
+        SeriesKey("h", "e", "s", "w", "log.bytes"), Decimal(5), None, T0, 1, 1, False, {}
+    )
+    assert fast_hash(GENESIS_HASH, 1, 1, [old]) == (
+        "1a94b6bf3bba3d9dc54e2f35d6b0de5a177f534dfb75f8df916ee8a9dee428ca"
+    )

@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from contracts import decode_token, encode_token, parse_json
+from contracts import PayloadError, decode_token, encode_token, parse_json
+from contracts._base import name_problem
 from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.usage import UsageRecorded
 
@@ -117,3 +118,60 @@ def test_usage_deltas_travel_as_exact_strings() -> None:
         window_end="2026-11-22T10:00:00Z", batch_hash="ab",
     )  # fmt: skip
     assert json.loads(event.to_json())["delta"] == "0.1"
+
+
+@given(st.text(min_size=1, max_size=200).filter(lambda s: name_problem(s) is None))
+def test_every_valid_name_is_one_subject_token_with_exactly_one_spelling(name: str) -> None:
+    token = encode_token(name)
+
+    assert "." not in token and "*" not in token and ">" not in token and " " not in token
+    assert decode_token(token) == name
+    lower = token.replace("%2E", "%2e").replace("%C3", "%c3")
+    if lower != token:
+        with pytest.raises(ValueError, match="upper-case hex"):
+            decode_token(lower)
+
+
+@pytest.mark.parametrize(
+    ("token", "says"),
+    [
+        ("a%ZZ", "two upper-case hex digits"),
+        ("a%4", "two upper-case hex digits"),
+        ("a%FF", "does not decode to UTF-8"),
+        ("%41", "is not how 'A' is spelled"),
+        ("j\u00f6rg", "is not how"),
+    ],
+)
+def test_a_subject_token_no_encoder_wrote_does_not_decode(token: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        decode_token(token)
+
+
+@pytest.mark.parametrize(
+    ("name", "says"),
+    [
+        ("", "1 to 200 characters"),
+        ("x" * 201, "1 to 200 characters"),
+        ("a\x00", "control characters"),
+        ("a\x9b", "control characters"),
+        ("a\u2029", "control characters"),
+        ("a\ufffd", "control characters"),
+        ("a\udfff", "valid Unicode"),
+        ("a\t", "control characters"),
+        ("a ", "whitespace"),
+        ("\u3000a", "whitespace"),
+    ],
+)
+def test_a_name_no_service_can_carry_is_refused_with_the_reason(name: str, says: str) -> None:
+    assert says in (name_problem(name) or "")
+    with pytest.raises(ValidationError, match=says) as caught:
+        CounterBatch.model_validate(
+            {"host": name, "epoch": "e", "seq": 1, "sampled_at": "2026-11-22T10:00:00Z",
+             "counters": []}
+        )  # fmt: skip
+    assert caught.value.errors()[0]["type"] == "invalid_name"
+
+
+def test_a_body_nested_beyond_the_parser_is_a_payload_error_not_a_crash() -> None:
+    with pytest.raises(PayloadError, match="nested too deeply"):
+        parse_json(b"[" * 100_000 + b"]" * 100_000)

@@ -179,3 +179,20 @@ def test_token_command_refuses_a_bad_lifetime(
     assert result.exit_code != 0
     assert "is not a duration" in result.output
     assert "tg1." not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("subject", "says"),
+    [
+        ("", "1 to 200 characters"),
+        ("a" * 201, "1 to 200 characters"),
+        ("alice\n", "control characters"),
+        ("al\u2028ice", "control characters"),
+        ("alice\x85", "control characters"),
+        ("a\ud800", "valid Unicode"),
+        (" alice", "whitespace"),
+    ],
+)
+def test_a_token_is_only_minted_for_a_name_the_contract_accepts(subject: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says):
+        issue_token("s" * 32, subject, Role.USER, timedelta(hours=1))

@@ -56,7 +56,8 @@ async def find(conn: asyncpg.Connection, decision_id: str) -> asyncpg.Record:
            FROM policy_decisions d
            LEFT JOIN policy_configs c ON c.version = d.policy_version
            LEFT JOIN policy_outbox o ON o.decision_id = d.decision_id
-           WHERE d.decision_id LIKE $1 || '%' ORDER BY d.decided_at LIMIT 2""",
+           WHERE d.decision_id LIKE $1 || '%'
+           ORDER BY d.decision_id <> $1, d.decided_at LIMIT 2""",
         decision_id,
     )
     if not rows:
@@ -69,8 +70,28 @@ async def find(conn: asyncpg.Connection, decision_id: str) -> asyncpg.Record:
     return rows[0]
 
 
-def render(row: asyncpg.Record) -> str:
-    """The decision as text: verdict, message, inputs, and each quota's numbers."""
+async def attempts_of(conn: asyncpg.Connection, row: asyncpg.Record) -> list[asyncpg.Record]:
+    """Every terminate command of the crossing a termination belongs to, in order."""
+    if row["kind"] != "terminate":
+        return []
+    inputs = json.loads(row["inputs"]) if row["inputs"] else {}
+    crossing = inputs.get("crossing") or row["decision_id"]
+    return list(
+        await conn.fetch(
+            """SELECT decision_id, decided_at, coalesce((inputs->>'attempt')::int, 1) AS attempt,
+                      inputs->>'host' AS host, inputs->>'usage_until' AS usage_until
+               FROM policy_decisions
+               WHERE kind = 'terminate'
+                 AND coalesce(inputs->>'crossing', decision_id) = $1
+               ORDER BY attempt""",
+            crossing,
+        )
+    )
+
+
+def render(row: asyncpg.Record, attempts: list[asyncpg.Record] | None = None) -> str:
+    """The decision as text: verdict, message, inputs, and each quota's numbers (and, for a
+    termination, every command of its crossing: a workload that ignored them shows here)."""
     out = io.StringIO()
     console = Console(file=out, width=110, highlight=False, soft_wrap=True)
     inputs = json.loads(row["inputs"]) if row["inputs"] else {}
@@ -116,17 +137,62 @@ def render(row: asyncpg.Record) -> str:
                 q.get("period", ""), _in_unit(q, "used"), _in_unit(q, "limit"),
             )  # fmt: skip
         console.print(table)
+    for q in quotas:
+        _limit_detail(console, q)
     if inputs.get("retry_at"):
         console.print(f"  quota returns    {_when(inputs['retry_at'])}")
     if row["nats_subject"]:
         sent = _when(row["published_at"]) if row["published_at"] else "not yet published"
         console.print(f"  sent on {row['nats_subject']}: {sent}")
+    if attempts and len(attempts) > 1:
+        _repeats(console, row, attempts)
     return out.getvalue()
+
+
+def _repeats(console: Console, row: asyncpg.Record, attempts: list[asyncpg.Record]) -> None:
+    hosts = sorted({a["host"] for a in attempts if a["host"]})
+    ignored = len(attempts) - 1
+    console.print(
+        f"[bold]Not obeyed[/]: usage kept coming from host {', '.join(hosts) or '?'} after "
+        f"{ignored} terminate command{'s' if ignored != 1 else ''}, so the policy sent "
+        f"{len(attempts)} in all"
+    )
+    table = Table("#", "command id", "decided at", "host", "its usage sampled up to")
+    table.columns[1].no_wrap = True
+    for a in attempts:
+        mark = " (this one)" if a["decision_id"] == row["decision_id"] else ""
+        table.add_row(
+            str(a["attempt"]), f"{a['decision_id']}{mark}", _when(a["decided_at"]),
+            a["host"] or "", _when(a["usage_until"]) if a["usage_until"] else "-",
+        )  # fmt: skip
+    console.print(table)
+
+
+def _limit_detail(console: Console, q: dict[str, Any]) -> None:
+    """What a quota's limit was made of: configured limit, grace, soft mode, grants."""
+    name = q.get("name") or ", ".join(q.get("rules") or [])
+    if q.get("mode") == "soft":
+        console.print(f"  {name}: soft limit, reported and never enforced")
+    elif q.get("grace") not in (None, "0", 0):
+        console.print(
+            f"  {name}: {Decimal(str(q['grace'])):%} grace, enforced from "
+            f"{_in_unit(q, 'enforced_limit')}"
+        )
+    for g in q.get("grants") or []:
+        amount = _in_unit({**q, "amount": g["amount"]}, "amount")
+        console.print(
+            f"  {name}: limit {_in_unit(q, 'base_limit')} + grant {g['grant_id']} of {amount} "
+            f"until {_when(g['expires_at'])} (by {g['granted_by']})"
+        )
+    for g in q.get("lapsed_grants") or []:
+        ended = "revoked " + _when(g["revoked_at"]) if g.get("revoked_at") else "expired"
+        console.print(f"  {name}: grant {g['grant_id']} no longer counts ({ended})")
 
 
 async def explain_text(pool: asyncpg.Pool, decision_id: str) -> str:
     async with pool.acquire() as conn:
-        return render(await find(conn, decision_id))
+        row = await find(conn, decision_id)
+        return render(row, await attempts_of(conn, row))
 
 
 def explain(decision_id: str = typer.Argument(..., help="a decision id or command id")) -> None:
@@ -136,7 +202,8 @@ def explain(decision_id: str = typer.Argument(..., help="a decision id or comman
     async def main() -> str:
         conn = await asyncpg.connect(database_url)
         try:
-            return render(await find(conn, decision_id))
+            row = await find(conn, decision_id)
+            return render(row, await attempts_of(conn, row))
         finally:
             await conn.close()
 

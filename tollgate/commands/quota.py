@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import asyncpg
@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from contracts.spawn import QuotaStatus
 from services.policy.config import ConfigError, PolicyConfig, load_config, parse_config
 from services.policy.quotas import SubjectQuotas, subject_quotas
 from services.policy.units import format_number
@@ -35,7 +36,7 @@ async def _config(conn: asyncpg.Connection, path: Path | None) -> tuple[PolicyCo
 
 
 async def gather(
-    database_url: str, subject: str, path: Path | None
+    database_url: str, subject: str, path: Path | None, max_skew: timedelta
 ) -> tuple[SubjectQuotas, str, list[asyncpg.Record]]:
     conn = await asyncpg.connect(database_url, server_settings={"timezone": "UTC"})
     try:
@@ -47,7 +48,7 @@ async def gather(
         await conn.close()
     pool = await asyncpg.create_pool(database_url, min_size=1, max_size=1)
     try:
-        found = await subject_quotas(pool, config, subject)
+        found = await subject_quotas(pool, config, subject, max_skew=max_skew)
     finally:
         await pool.close()
     return found, where, list(blocks)
@@ -80,9 +81,23 @@ def render(subject: str, found: SubjectQuotas, where: str, blocks: list[asyncpg.
         f"groups: {', '.join(found.groups) or '(none)'} · quotas from {where} · usage as of "
         f"ledger seq {found.as_of_seq} ({as_of})"
         + "".join(f"\nspawns blocked by {b['quota']} until {_when(b['until'])}" for b in blocks)
+        + "".join(_limit_lines(st) for st in found.statuses)
     )
     table.caption_justify = "left"
     return table
+
+
+def _limit_lines(st: QuotaStatus) -> str:
+    """Grants in a quota's limit, and what being over it means (grace, soft)."""
+    unit = f" {st.unit}" if st.unit else ""
+    out = "".join(
+        f"\n{st.name}: includes grant {g.grant_id} of {format_number(g.amount)}{unit} "
+        f"until {_when(g.expires_at)}"
+        for g in st.grants
+    )
+    if st.note:
+        out += f"\n{st.name}: {st.note}"
+    return out
 
 
 def quota(
@@ -95,7 +110,9 @@ def quota(
     settings = Settings()
     _, database_url = settings.require_servers()
     try:
-        found, where, blocks = asyncio.run(gather(database_url, subject, config or settings.config))
+        found, where, blocks = asyncio.run(
+            gather(database_url, subject, config or settings.config, settings.max_clock_skew)
+        )
     except ConfigError as exc:
         typer.echo(f"tollgate quota: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from services.ledger.replay import event_line, events_after, rebuild_rollups, verify_chain
+from services.policy import grantstore
+from services.policy.grants import ChainCheck
 from tollgate.settings import Settings
 
 console = Console(stderr=True)
@@ -47,14 +49,16 @@ async def _verify() -> int:
         ) as bar:  # fmt: skip
             task = bar.add_task("verify", total=total)
             verdict = await verify_chain(conn, lambda n: bar.advance(task, n))
+        grants = await grantstore.verify_chain(conn)
     finally:
         await conn.close()
+    grants_ok = _report_grants(grants)
     if verdict.ok:
         console.print(
             f"[green]OK[/]: {verdict.batches} batches, {verdict.events} events; "
             f"head hash {verdict.head_hash}"
         )
-        return 0
+        return 0 if grants_ok else 1
     console.print(
         f"[red]TAMPERED[/]: batch {verdict.first_bad_batch} is the first that does not hold: "
         f"{verdict.problem}. The {verdict.batches} batches before it verify "
@@ -62,6 +66,18 @@ async def _verify() -> int:
         "feed, and find out who could write to the database."
     )
     return 1
+
+
+def _report_grants(v: ChainCheck) -> bool:
+    """The grants record's chain verdict, one line (it is verified beside the ledger)."""
+    if v.ok:
+        console.print(f"[green]OK[/]: grants record, {v.records} records; head hash {v.head_hash}")
+        return True
+    console.print(
+        f"[red]TAMPERED[/]: grant record {v.first_bad_seq} does not hold: {v.problem}. The "
+        f"{v.records} grant records before it verify. Find out who could write to the database."
+    )
+    return False
 
 
 async def _rebuild(check_only: bool) -> int:

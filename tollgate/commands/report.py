@@ -121,7 +121,9 @@ def report(
         "--from",
         help="ISO-8601 start with zone, e.g. 2026-11-01T00:00:00Z (default: 30 days ago)",
     ),
-    to: str | None = typer.Option(None, "--to", help="ISO-8601 end with zone (default: now)"),
+    to: str | None = typer.Option(
+        None, "--to", help="ISO-8601 end with zone (default: now, to where quota windows end)"
+    ),
     group_by: GroupBy = typer.Option(GroupBy.SUBJECT, "--group-by", help="split further by this"),
     metric: str | None = typer.Option(None, "--metric", help="only this metric"),
     output: Output = typer.Option(Output.TABLE, "--format", "-f", help="table, csv or json"),

@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import json
 import logging
-import socket
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -16,8 +19,17 @@ from rich.console import Console
 
 from services.api.errors import ApiStartupError
 from tollgate import bootstrap, logs
-from tollgate.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError
+from tollgate.bus import close_quietly
+from tollgate.embedded import (
+    EmbeddedNats,
+    EmbeddedPostgres,
+    EmbeddedServerError,
+    StartAborted,
+    port_free,
+)
 from tollgate.settings import Settings
+from tollgate.supervise import Server, ServerLost, Supervisor, force_stop, stop_servers
+from tollgate.tasks import cancel_and_wait
 
 log = logging.getLogger("tollgate.up")
 console = Console(stderr=True)
@@ -33,14 +45,37 @@ async def _ensure_database(admin_url: str, name: str) -> None:
         await conn.close()
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+def _stop_signals(stop: asyncio.Event, servers: Sequence[Server], endpoints: Path) -> None:
+    """The first Ctrl-C (or SIGTERM) stops cleanly; a second one exits at once (128+signal)."""
+    loop = asyncio.get_running_loop()
+    signalled = False
+
+    def on_signal(sig: signal.Signals) -> None:
+        nonlocal signalled
+        if not signalled:
+            signalled = True
+            again = "Ctrl-C" if sig == signal.SIGINT else sig.name
+            console.print(f"Stopping… ({again} again stops at once)")
+            stop.set()
+            return
+        force_stop(servers)
+        with contextlib.suppress(OSError):
+            endpoints.unlink()
+        console.print(
+            f"Stopped at once (second {sig.name}, exit {128 + sig}): NATS and Postgres were "
+            "told to quit without waiting; nothing acked is lost."
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + sig)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def _start(server: EmbeddedNats | EmbeddedPostgres, stop: asyncio.Event) -> None:
+    # In a thread, so that Ctrl-C is heard while a server starts (initdb takes seconds).
+    await asyncio.to_thread(server.start, abort=stop.is_set)
 
 
 def _banner(settings: Settings, api_url: str, token_from_env: bool, demo: bool) -> None:
@@ -63,20 +98,24 @@ def _banner(settings: Settings, api_url: str, token_from_env: bool, demo: bool) 
 
 async def _up(settings: Settings, demo: bool) -> None:
     stop = asyncio.Event()
-    bootstrap.install_stop_signals(stop)
+    servers: list[Server] = []
+    _stop_signals(stop, servers, settings.endpoints_file)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    if not _port_free(settings.api_host, settings.api_port):
+    if not port_free(settings.api_port, settings.api_host):
         raise SystemExit(
             f"Port {settings.api_port} on {settings.api_host} is already in use. Stop whatever "
             "listens there or choose another port with TOLLGATE_API_PORT=8081."
         )
-    nats = postgres = None
     try:
         if not settings.nats_url:
-            nats = EmbeddedNats(settings.data_dir / "nats").start()
+            nats = EmbeddedNats(settings.data_dir / "nats")
+            servers.append(nats)
+            await _start(nats, stop)
             settings = settings.model_copy(update={"nats_url": nats.url})
         if not settings.database_url:
-            postgres = EmbeddedPostgres(settings.data_dir / "postgres").start()
+            postgres = EmbeddedPostgres(settings.data_dir / "postgres")
+            servers.append(postgres)
+            await _start(postgres, stop)
             await _ensure_database(postgres.url(), DATABASE)
             settings = settings.model_copy(update={"database_url": postgres.url(DATABASE)})
         if demo and settings.config is None:
@@ -94,30 +133,60 @@ async def _up(settings: Settings, demo: bool) -> None:
             )
             + "\n"
         )  # fmt: skip
-        extra = []
+        extra: list[Callable[[asyncio.Event], Awaitable[None]]] = []
         if demo:
             extra.append(lambda s: _demo(settings, s))
         _banner(settings, api_url, token_from_env, demo)
-        await bootstrap.run_together(settings, ["ledger", "policy", "api"], stop, extra)
+        await _serve(settings, stop, extra, Supervisor(servers))
+    except StartAborted:
+        pass  # Ctrl-C while a server was starting: stop what did start, quietly
     finally:
-        console.print("Stopping…")
+        stop.set()
         with contextlib.suppress(OSError):
             settings.endpoints_file.unlink()
-        if nats is not None:
-            nats.stop()
-        if postgres is not None:
-            postgres.stop()
-        console.print("Stopped. Data kept in " + str(settings.data_dir))
+        await stop_servers(servers, grace=5.0)
+        console.print("Stopped. Data kept in " + str(settings.data_dir), soft_wrap=True)
+
+
+async def _serve(
+    settings: Settings,
+    stop: asyncio.Event,
+    extra: list[Callable[[asyncio.Event], Awaitable[None]]],
+    supervisor: Supervisor,
+) -> None:
+    """The services and the supervisor of their servers, until `stop` or a lost server."""
+    services = asyncio.create_task(
+        bootstrap.run_together(settings, ["ledger", "policy", "api"], stop, extra)
+    )
+    supervising = asyncio.create_task(supervisor.run(stop))
+    try:
+        await asyncio.wait([services, supervising], return_when=asyncio.FIRST_COMPLETED)
+        lost = supervising.exception() if supervising.done() else None
+        if isinstance(lost, ServerLost):  # said now, not after the stop it causes
+            console.print(f"[red]An embedded server is gone.[/] {lost}", soft_wrap=True)
+    finally:
+        stop.set()
+        # The services first: they stop within bootstrap.STOP_GRACE whatever the servers do.
+        await asyncio.gather(services, supervising, return_exceptions=True)
+    supervising.result()  # raises ServerLost
+    services.result()
 
 
 async def _demo(settings: Settings, stop: asyncio.Event) -> None:
     from tollgate.demo import run_fleet
 
     nc = await bootstrap.open_nats(settings, "tollgate-demo", stop)
+    fleet = asyncio.create_task(run_fleet(nc, settings.prefix, stop))
+    stopping = asyncio.create_task(stop.wait())
     try:
-        await run_fleet(nc, settings.prefix, stop)
+        await asyncio.wait([fleet, stopping], return_when=asyncio.FIRST_COMPLETED)
+        # A simulated fleet has nothing to finish: a publish waiting on NATS is let go.
+        await cancel_and_wait([fleet])
+        if not fleet.cancelled():
+            fleet.result()  # a fleet that failed says why
     finally:
-        await nc.close()
+        stopping.cancel()
+        await close_quietly(nc)
 
 
 def register(app: typer.Typer) -> None:
@@ -130,6 +199,8 @@ def register(app: typer.Typer) -> None:
         logs.configure()
         try:
             asyncio.run(_up(Settings(), demo))
+        except ServerLost:
+            raise typer.Exit(1) from None  # said when it happened, by _serve
         except EmbeddedServerError as exc:
             console.print(f"[red]Could not start an embedded server:[/] {exc}")
             raise typer.Exit(1) from None

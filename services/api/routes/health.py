@@ -66,7 +66,10 @@ async def _postgres(pool: asyncpg.Pool) -> dict[str, Check]:
     try:
         async with asyncio.timeout(PROBE_TIMEOUT), pool.acquire() as conn:
             pending = await pending_migrations(conn)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except (
+        OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError,
+        asyncpg.InternalClientError,  # a connection that got the FATAL of a killed server
+    ) as exc:  # fmt: skip
         reason = str(exc) or type(exc).__name__
         unknown = Check(ok=False, detail="unknown until Postgres answers", fix=None)
         return {

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from ..auth import CurrentUser, ReadableSubject
-from ..deps import ClockDep, ConfigDep, PoolDep
-from ..models import QuotaPublic, QuotasPublic
+from ..deps import ClockDep, ConfigDep, MaxSkewDep, PoolDep
+from ..models import QuotaPublic, QuotasPublic, limit_detail
 from ..subjects import quotas_of
 
 router = APIRouter(tags=["quotas"])
@@ -23,10 +23,11 @@ async def get_quotas(
     pool: PoolDep,
     config: ConfigDep,
     clock: ClockDep,
+    max_skew: MaxSkewDep,
 ) -> QuotasPublic:
     """Used, limit, remaining and state of every quota that applies, with retry_at and lag."""
     now = clock()
-    found = await quotas_of(pool, config, subject, principal, now)
+    found = await quotas_of(pool, config, subject, principal, now, max_skew)
     # Clock skew between this host and Postgres is not lag: never report it as negative.
     lag = None if found.as_of is None else max(0.0, (now - found.as_of).total_seconds())
     return QuotasPublic(
@@ -48,6 +49,7 @@ async def get_quotas(
                 enforce=st.enforce,
                 warn_at=list(q.warn_at),
                 projected_exhaustion_at=st.projected_exhaustion_at,
+                **limit_detail(st),
             )
             for q, st in zip(found.quotas, found.statuses, strict=True)
         ],

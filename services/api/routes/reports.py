@@ -16,7 +16,7 @@ from contracts import format_decimal
 from services.policy.prices import to_money
 
 from ..auth import AdminUser
-from ..deps import ClockDep, ConfigDep, PoolDep
+from ..deps import ClockDep, ConfigDep, MaxSkewDep, PoolDep
 from ..humanize import unit_of
 from ..models import MetricTotal, ReportFormat, ReportGroupBy, ReportRow, UsageReportPublic
 from ..ranges import bad, check_metric, hour_range
@@ -37,10 +37,17 @@ async def get_usage_report(
     pool: PoolDep,
     clock: ClockDep,
     config: ConfigDep,
+    max_skew: MaxSkewDep,
     from_: Annotated[
         str | None, Query(alias="from", description="ISO-8601 with zone; default: to - 30 days")
     ] = None,
-    to: Annotated[str | None, Query(description="ISO-8601 with zone; default: now")] = None,
+    to: Annotated[
+        str | None,
+        Query(
+            description="ISO-8601 with zone; default: now, up to the end of the hour that "
+            "holds now + TOLLGATE_MAX_CLOCK_SKEW (where quota windows end)"
+        ),
+    ] = None,
     group_by: Annotated[
         ReportGroupBy, Query(description="split each subject's totals further by this")
     ] = ReportGroupBy.SUBJECT,
@@ -51,7 +58,7 @@ async def get_usage_report(
 ) -> UsageReportPublic | Response:
     """Usage totals per subject and metric over a range (whole UTC hours), with totals, and
     with the quota file's prices, what each costs (each hour at the price in force then)."""
-    span = hour_range(from_, to, clock())
+    span = hour_range(from_, to, clock(), max_skew)
     metric = check_metric(metric)
     book = config.pricebook
     found = await usage_report(

@@ -19,6 +19,7 @@ import nats.errors
 from fastapi import APIRouter, HTTPException
 from pydantic import ValidationError
 
+from contracts.errors import ERROR_SCHEMA, INTERNAL_ERROR
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 
 from ..auth import SpawnCaller
@@ -86,9 +87,14 @@ def _decision(reply: bytes) -> SpawnDecision:
         data = json.loads(reply)
     except ValueError:
         data = None
-    if isinstance(data, dict) and data.get("schema") == "tollgate.error.v1":
+    if isinstance(data, dict) and data.get("schema") == ERROR_SCHEMA:
+        message = str(data.get("message") or "the policy refused the request")
+        if data.get("error") == INTERNAL_ERROR:
+            # The policy failed, not the request: a gateway error the caller may retry.
+            SPAWN_CHECKS.labels("policy_failed").inc()
+            raise HTTPException(502, f"{message} (the policy failed; retry, or see its log)")
         SPAWN_CHECKS.labels("refused").inc()
-        raise HTTPException(422, str(data.get("message") or "the policy refused the request"))
+        raise HTTPException(422, message)
     try:
         return SpawnDecision.model_validate(data)
     except ValidationError:

@@ -10,7 +10,7 @@ import asyncpg
 from fastapi import APIRouter, Depends, Query
 
 from ..auth import ReadableSubject
-from ..deps import ClockDep, PoolDep
+from ..deps import ClockDep, MaxSkewDep, PoolDep
 from ..humanize import unit_of
 from ..models import GroupBy, UsagePublic, UsageRow
 from ..ranges import bad, check_metric, check_tz, hour_range
@@ -30,15 +30,22 @@ class UsageQuery:
 
 async def _usage_query(
     clock: ClockDep,
+    max_skew: MaxSkewDep,
     from_: Annotated[
         str | None, Query(alias="from", description="ISO-8601 with zone; default: to - 30 days")
     ] = None,
-    to: Annotated[str | None, Query(description="ISO-8601 with zone; default: now")] = None,
+    to: Annotated[
+        str | None,
+        Query(
+            description="ISO-8601 with zone; default: now, up to the end of the hour that "
+            "holds now + TOLLGATE_MAX_CLOCK_SKEW (where quota windows end)"
+        ),
+    ] = None,
     metric: Annotated[str | None, Query(description="only this metric")] = None,
     group_by: Annotated[GroupBy, Query(description="split totals by this")] = GroupBy.METRIC,
     tz: Annotated[str, Query(description="IANA time zone for group_by=day")] = "UTC",
 ) -> UsageQuery:
-    span = hour_range(from_, to, clock())
+    span = hour_range(from_, to, clock(), max_skew)
     return UsageQuery(span.start, span.end, check_metric(metric), group_by, check_tz(tz))
 
 

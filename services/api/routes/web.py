@@ -21,7 +21,7 @@ from pydantic import TypeAdapter, ValidationError
 from contracts._base import Name
 
 from ..auth import READ_ANY_SUBJECT, AuthFailed, authenticate, throttle
-from ..deps import ClockDep, ConfigDep, KeysDep, LimiterDep, PoolDep
+from ..deps import ClockDep, ConfigDep, KeysDep, LimiterDep, MaxSkewDep, PoolDep
 from ..records import active_subjects
 from ..tokens import Principal
 from ..web import page, subject
@@ -74,6 +74,7 @@ async def home(
     limiter: LimiterDep,
     pool: PoolDep,
     config: ConfigDep,
+    max_skew: MaxSkewDep,
 ) -> Response:
     viewer = await _viewer(request, keys, clock)
     if isinstance(viewer, Response):
@@ -102,7 +103,7 @@ async def home(
             reason = exc.errors()[0]["msg"].removeprefix("Value error, ")
             return _html(page.message_page(viewer, "Bad subject", f"subject: {reason}"), 422)
     assert name is not None
-    found = await gather(pool, config, viewer, name, range_key, clock())
+    found = await gather(pool, config, viewer, name, range_key, clock(), max_skew)
     return _html(subject.render(found))
 
 

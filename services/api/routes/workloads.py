@@ -3,13 +3,15 @@
 Usage and hosts come from the hourly rollups; lifecycle (started, stopped, exit status,
 termination reason) from what the policy recorded of the hosts' `workload_started` and
 `workload_stopped` events, and the explanation from its termination decision. A workload
-the policy never saw announced has state `unknown` and its usage hours instead.
+the policy never saw announced has state `unknown` and its usage hours instead, until the
+policy terminates it (then `running`, known from its usage). A workload whose usage comes
+after its stop is `running` again, and one that outlives terminate commands says so.
 """
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
 import asyncpg
@@ -17,13 +19,16 @@ from fastapi import APIRouter, HTTPException, Path, Query
 
 from ..auth import READ_ANY_SUBJECT, CurrentUser
 from ..deps import PoolDep
-from ..humanize import unit_of
+from ..humanize import disobeying, unit_of
 from ..models import MetricTotal, ResourcesPublic, TerminationPublic, WorkloadPublic
-from ..ranges import HOUR
+from ..ranges import HOUR, check_name
 from ..records import WorkloadFacts, workload_facts
 
 router = APIRouter(tags=["workloads"])
 WORKLOAD_NOT_FOUND = "workload not found"
+# A workload known only from usage is taken as gone once its usage stops this long (the
+# hour buckets say only which hour usage came in, hence the extra hour).
+QUIET = timedelta(minutes=10)
 
 
 @router.get(
@@ -41,6 +46,9 @@ async def get_workload(
     ] = None,
 ) -> WorkloadPublic:
     """Subject, host, state, times, termination reason and usage per metric of a workload."""
+    workload = check_name("workload", workload)
+    if subject is not None:
+        subject = check_name("subject", subject)
     if principal.role not in READ_ANY_SUBJECT:
         if subject not in (None, principal.subject):
             raise HTTPException(404, WORKLOAD_NOT_FOUND)
@@ -105,6 +113,8 @@ def _public(workload: str, owner: str, facts: WorkloadFacts) -> WorkloadPublic:
             quota=term["quota"],
             message=term["message"],
         ),
+        terminate_commands=life["terminate_commands"] if life else 0,
+        ignored_commands=life["ignored_commands"] if life else 0,
         usage_from=first,
         usage_to=None if last is None else last + HOUR,
         usage=[totals[m] for m in sorted(totals)],
@@ -123,10 +133,41 @@ def _state(
             "no start or stop event reached the policy; usage was recorded between "
             f"{first:%Y-%m-%d %H:00} and {last + HOUR:%Y-%m-%d %H:00} UTC"
         )
+    if (
+        life["stopped_at"] is None
+        and not life["announced"]
+        and (last is None or last + HOUR < datetime.now(UTC) - QUIET)
+    ):
+        return "unknown", (
+            f"no stop was reported and no usage came since {_hour_end(last)}; it was sent "
+            f"{life['terminate_commands']} terminate command(s) on host {life['host']}"
+        )
     if life["stopped_at"] is None:
-        return "running", f"running since {life['started_at']:%Y-%m-%d %H:%M:%S} UTC"
+        return "running", _running(life)
     when = f"{life['stopped_at']:%Y-%m-%d %H:%M:%S} UTC"
     if life["stop_reason"]:
         return "terminated", f"terminated at {when}: {life['stop_reason']}"
     status = "" if life["exit_status"] is None else f" with exit status {life['exit_status']}"
     return "stopped", f"stopped at {when}{status}"
+
+
+def _running(life: asyncpg.Record) -> str:
+    since = f"{life['started_at']:%Y-%m-%d %H:%M:%S} UTC"
+    if life["resumed_from"] is not None:
+        text = (
+            f"running again since {since}: usage came after it stopped at "
+            f"{life['resumed_from']:%Y-%m-%d %H:%M:%S} UTC"
+        )
+    elif not life["announced"]:
+        text = f"running since {since} (known from its usage; no workload_started)"
+    else:
+        text = f"running since {since}"
+    if life["ignored_commands"]:
+        text += "; " + disobeying(
+            life["ignored_commands"], life["host"], life["usage_after_command"]
+        )
+    return text
+
+
+def _hour_end(last: datetime | None) -> str:
+    return "-" if last is None else f"{last + HOUR:%Y-%m-%d %H:00} UTC"

@@ -14,7 +14,7 @@ import asyncpg
 from services.policy.config import PolicyConfig
 from services.policy.prices import to_money
 from services.policy.store import priced_hours
-from services.policy.windows import floor_hour
+from services.policy.windows import floor_hour, reads_until
 
 from ..humanize import display_unit, human, title_of
 from ..models import GroupBy
@@ -24,11 +24,12 @@ from ..subjects import quotas_of
 from ..tokens import Principal
 from .chart import Bucket, bar_chart
 from .runs import runs
-from .subject import ChartView, EventView, QuotaView, SubjectPage, WorkloadView
+from .subject import ChartView, EventView, GrantLine, QuotaView, SubjectPage, WorkloadView
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
 EVENTS_SINCE = timedelta(days=30)
+MICROSECOND = timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,14 @@ async def gather(
     subject: str,
     range_key: str,
     now: datetime,
+    max_skew: timedelta,
 ) -> SubjectPage:
     """Everything the page of `subject` shows, as `viewer` may see it."""
-    found = await quotas_of(pool, config, subject, viewer, now)
+    found = await quotas_of(pool, config, subject, viewer, now, max_skew)
     span = SPANS[range_key]
-    starts = span.buckets(now)
+    # The last bar holds the latest instant the ledger may have placed usage at, so the
+    # chart ends where the quotas' windows do (`reads_until`) and drops nothing they count.
+    starts = span.buckets(reads_until(now, max_skew) - MICROSECOND)
     usage = await usage_totals(
         pool, subject, starts[0], starts[-1] + span.step, None, GroupBy.HOUR, "UTC"
     )
@@ -167,6 +171,11 @@ async def gather(
                 enforce=st.enforce,
                 warn_at=q.warn_at,
                 projected=st.projected_exhaustion_at,
+                mode=st.mode,
+                note=st.note,
+                enforced=st.enforced,
+                base_limit=st.base_limit,
+                grants=[GrantLine(g.grant_id, g.amount, g.expires_at, g.scope) for g in st.grants],
             )
             for q, st in zip(found.quotas, found.statuses, strict=True)
         ],
@@ -195,6 +204,10 @@ async def gather(
                 exit_status=r["exit_status"],
                 stop_reason=r["stop_reason"],
                 usage=used_by.get(r["workload"], ()),
+                terminate_commands=r["terminate_commands"],
+                ignored_commands=r["ignored_commands"],
+                usage_after_command=r["usage_after_command"],
+                resumed_from=r["resumed_from"],
             )
             for r in workloads
         ],

@@ -77,6 +77,8 @@ svg.bar .fill { fill: var(--ok); }
 .exceeded svg.bar .fill { fill: var(--bad); }
 svg.bar .tick { stroke: var(--card); stroke-width: 2; }
 .quota .foot { font-size: 13px; color: var(--muted); }
+.quota .note, .quota .grant { margin-top: 6px; font-size: 13px; }
+.quota .grant { color: var(--ok); }
 .quota .returns { margin-top: 6px; font-size: 13px; color: var(--bad); font-weight: 600; }
 .quota.warning .returns { color: var(--warn); }
 .quota .forecast { margin-top: 6px; font-size: 13px; color: var(--warn); }

@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 from services.policy.units import format_number
 
+from ..humanize import disobeying
 from ..tokens import Principal, Role
 from .page import layout, span, when
 
@@ -41,10 +42,25 @@ class QuotaView:
     enforce: Sequence[str]
     warn_at: Sequence[Decimal]
     projected: datetime | None = None  # when it runs out at the recent rate
+    mode: str = "hard"
+    note: str | None = None  # e.g. 'over by 0.3 GiB·h, within grace (...)'
+    enforced: bool = False
+    base_limit: Decimal | None = None
+    grants: Sequence[GrantLine] = ()
 
     @property
     def money(self) -> bool:
         return self.metric == "cost"
+
+
+@dataclass(frozen=True)
+class GrantLine:
+    """A grant included in a quota's limit, as the card shows it."""
+
+    grant_id: str
+    amount: Decimal
+    expires_at: datetime
+    scope: str = "subject"
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,10 @@ class WorkloadView:
     exit_status: int | None
     stop_reason: str | None
     usage: Sequence[str] = ()  # what it used, e.g. 'CPU used 3.2 core·h'
+    terminate_commands: int = 0
+    ignored_commands: int = 0
+    usage_after_command: datetime | None = None
+    resumed_from: datetime | None = None
 
 
 @dataclass
@@ -115,6 +135,9 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
     else:
         foot = f"{number(q.remaining)}{unit} left"
     enforce = ", ".join(q.enforce) or "report only"
+    enforced_on = f"enforced on {e(enforce)}"
+    if q.mode == "soft":
+        enforced_on = "soft limit: reported, never enforced"
     returns = ""
     if q.retry_at is not None:
         returns = (
@@ -133,7 +156,8 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
         f'<article class="card quota {e(q.state)}" data-quota="{e(q.name)}" '
         f'data-state="{e(q.state)}">'
         f'<div class="head"><span class="name">{e(q.name)}</span>'
-        f'<span class="pill {e(q.state)}">{STATE_TEXT.get(q.state, e(q.state))}</span></div>'
+        f'<span class="pill {e(q.state)}">{STATE_TEXT.get(q.state, e(q.state))}</span>'
+        f"{_mode_pill(q)}</div>"
         f'<div class="what">{e(q.metric)} · {e(q.window_text)}</div>'
         f'<div class="numbers"><span class="used">{number(q.used)}'
         f"<small> of {number(q.limit)}{unit}</small></span>"
@@ -141,13 +165,43 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
         '<svg class="bar" viewBox="0 0 100 8" preserveAspectRatio="none" role="img" '
         f'aria-label="{pct:.0f}% used"><rect class="track" width="100" height="8" rx="4"/>'
         f'<rect class="fill" width="{fill:.2f}" height="8" rx="4"/>{ticks}</svg>'
-        f'<div class="foot">{foot} · enforced on {e(enforce)}</div>{returns}</article>'
+        f'<div class="foot">{foot} · {enforced_on}</div>{_limit_lines(q, unit, now)}{returns}'
+        "</article>"
     )
 
 
 def _cents(value: Decimal) -> str:
     """Money to the cent (rounded half-even): '12.34'."""
     return f"{value.quantize(Decimal('0.01')):,}"
+
+
+def _limit_lines(q: QuotaView, unit: str, now: datetime) -> str:
+    """Grants in the limit, and what being over means (grace, soft)."""
+    out = ""
+    if q.note:
+        out += f'<div class="note" data-enforced="{str(q.enforced).lower()}">{e(q.note)}</div>'
+    for g in q.grants:
+        pool = " for the group pool" if g.scope == "group" else ""
+        out += (
+            f'<div class="grant" data-grant="{e(g.grant_id)}">Includes grant {e(g.grant_id)}'
+            f"{pool}: +{_number(q, g.amount)}{unit} until {when(g.expires_at)} "
+            f"(in {span(g.expires_at - now)})</div>"
+        )
+    if q.grants and q.base_limit is not None:
+        out += f'<div class="muted small">Configured limit {_number(q, q.base_limit)}{unit}</div>'
+    return out
+
+
+def _number(q: QuotaView, value: Decimal) -> str:
+    return _cents(value) if q.money else format_number(value)
+
+
+def _mode_pill(q: QuotaView) -> str:
+    if q.mode == "soft":
+        return '<span class="pill">Soft</span>'
+    if q.state == "exceeded" and not q.enforced:
+        return '<span class="pill warning">Within grace</span>'
+    return ""
 
 
 def _chart_card(c: ChartView) -> str:
@@ -185,8 +239,13 @@ def _short(decision_id: str) -> str:
 
 def _workload(w: WorkloadView) -> str:
     ended = "still running" if w.stopped_at is None else when(w.stopped_at)
-    if w.stopped_at is None:
+    if w.stopped_at is None and w.ignored_commands:
+        state = '<span class="pill exceeded">ignores terminate</span>'
+        ended = disobeying(w.ignored_commands, w.host, w.usage_after_command)
+    elif w.stopped_at is None:
         state = '<span class="pill ok">running</span>'
+        if w.resumed_from is not None:
+            ended = f"running again after it stopped at {when(w.resumed_from)}"
     elif w.stop_reason:
         state = f'<span class="pill exceeded">{e(w.stop_reason)}</span>'
     else:
