@@ -176,23 +176,24 @@ class CgroupBpf:
             raise BpfUnavailable("probe() was not called")
         return self._lib
 
-    def attach(self, key: str, cgroup: Path) -> str:
-        """Count `cgroup` (a cgroup-v2 directory) under `key`; returns the nonce. Pins that
-        are there and intact are kept (their counters go on); missing ones are made anew."""
+    def attach(self, key: str, cgroup: Path) -> tuple[str, bool]:
+        """Count `cgroup` (a cgroup-v2 directory) under `key`: its nonce, and whether its
+        counters were made just now. Pins that are there and intact are kept (their counters
+        go on); missing ones are made anew, from zero, with a new nonce."""
         where = self._where(key, cgroup)
         known = self._maps.get(key)
-        if known is not None and "counts" in _pins(where):
-            return known[1]
+        if known is not None and "counts" in pins(where):
+            return known[1], False
         self._close(key)
+        made = False
         fd = self.lib.lib.bpf_obj_get(str(where / "counts").encode())
-        links_ok = {p for _, p in PROGRAMS} <= _pins(where)
-        if fd < 0 or not links_ok:
+        if fd < 0 or not {p for _, p in PROGRAMS} <= pins(where):
             if fd >= 0:
                 os.close(fd)
-            fd = self._instance(where, cgroup)
+            fd, made = self._instance(where, cgroup), True
         nonce = str(self.lib.map_id(fd))
         self._maps[key] = (fd, nonce)
-        return nonce
+        return nonce, made
 
     def read(self, key: str) -> CgroupReading | None:
         """The counters of `key` now; None when it is not attached (or its pin was lost)."""
@@ -218,18 +219,18 @@ class CgroupBpf:
 
     def lost(self, key: str, cgroup: Path) -> bool:
         """True when the pinned map of `key` is no longer there (someone removed it)."""
-        return key in self._maps and "counts" not in _pins(self._where(key, cgroup))
+        return key in self._maps and "counts" not in pins(self._where(key, cgroup))
 
     def detach(self, key: str) -> None:
         """Stop counting `key`: its links and map go with their pins."""
         self._close(key)
-        for name in _pins(self.dir):
+        for name in pins(self.dir):
             if name.partition("_")[0] == key:
-                _remove_pins(self.dir / name)
+                remove_pins(self.dir / name)
 
     def keys(self) -> set[str]:
         """The keys pinned under this owner (say, by a previous life of the agent)."""
-        return {n.partition("_")[0] for n in _pins(self.dir) if "_" in n}
+        return {n.partition("_")[0] for n in pins(self.dir) if "_" in n}
 
     def close(self, remove: bool = False) -> None:
         """Close our descriptors; with `remove`, unpin everything of this owner too."""
@@ -239,11 +240,11 @@ class CgroupBpf:
             os.close(self._lan_fd)
             self._lan_fd = None
         if remove and self.dir.exists():
-            for name in _pins(self.dir):
+            for name in pins(self.dir):
                 if name == "lan":
                     os.unlink(self.dir / name)
                 else:
-                    _remove_pins(self.dir / name)
+                    remove_pins(self.dir / name)
             with contextlib.suppress(OSError):
                 self.dir.rmdir()
 
@@ -276,7 +277,7 @@ class CgroupBpf:
     def _instance(self, where: Path, cgroup: Path) -> int:
         """Load, attach to `cgroup` and pin one instance; returns a new fd of its counts."""
         lib = self.lib.lib
-        _remove_pins(where)
+        remove_pins(where)
         where.mkdir()
         obj = self._open()
         try:
@@ -299,7 +300,7 @@ class CgroupBpf:
                 raise self.lib.fail(f"cannot pin {where / 'counts'}")
             return _dup(fd)
         except BaseException:
-            _remove_pins(where)
+            remove_pins(where)
             raise
         finally:
             lib.bpf_object__close(obj)
@@ -308,7 +309,7 @@ class CgroupBpf:
         """The shared LAN trie, pinned; made when missing and set to the configured list."""
         lib = self.lib.lib
         path = self.dir / "lan"
-        fd = lib.bpf_obj_get(str(path).encode())
+        fd = int(lib.bpf_obj_get(str(path).encode()))
         if fd < 0:
             obj = lib.bpf_object__open_file(str(self.obj).encode(), None)
             if not obj:
@@ -352,7 +353,7 @@ def _dup(fd: int) -> int:
     return os.dup(fd)
 
 
-def _pins(where: Path) -> set[str]:
+def pins(where: Path) -> set[str]:
     # Names only: bpffs refuses (EPERM) any name with a dot in it, even to look it up.
     try:
         return set(os.listdir(where))
@@ -360,8 +361,8 @@ def _pins(where: Path) -> set[str]:
         return set()
 
 
-def _remove_pins(where: Path) -> None:
-    for name in _pins(where):
+def remove_pins(where: Path) -> None:
+    for name in pins(where):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(where / name)
     with contextlib.suppress(OSError):
@@ -376,5 +377,5 @@ def unavailable_reason(owner: str, lan: LanList) -> str | None:
     except (BpfUnavailable, OSError) as exc:
         return str(exc) if isinstance(exc, BpfUnavailable) else f"{exc.strerror}: {exc.filename}"
     finally:
-        probe.close()
+        probe.close(remove=True)
     return None
