@@ -28,6 +28,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+import tests.integration.test_run as run_tests
 from services.ledger.app import LedgerService
 from services.meter.agent import AgentOptions
 from services.meter.cgroupbpf import ROOT, pins, remove_pins, unavailable_reason
@@ -39,8 +40,10 @@ from tests.conftest import unique, wait_until
 from tests.integration.conftest import total
 from tests.integration.test_meter_agent import chain_prefix, epochs, ledger_reaches, running
 from tests.integration.test_netns_lab import CLONE_NEWNET, Lab, Peer, lab, needs_lab
+from tests.integration.test_run import Runs, final_series
 from tests.servers import TestServers
 
+env, runs = run_tests.env, run_tests.runs  # the fixtures `tollgate run` tests use
 UDP_PORT = 9100
 IP_HEADER = {4: 20, 6: 40}
 UDP_HEADER = 8
@@ -49,7 +52,7 @@ PHASES = 3  # with the agent, without it (restarting), with the next life of it
 CLIENT = """
 import json, socket, sys, threading
 plan, failed = json.loads(sys.argv[1]), []
-PORT, PHASES = int(sys.argv[2]), int(sys.argv[3])
+PORT, PHASES, TOLD = int(sys.argv[2]), int(sys.argv[3]), len(sys.argv) < 5
 
 def exchange(address, count, up, down):
     try:
@@ -65,7 +68,7 @@ def exchange(address, count, up, down):
         failed.append(repr(exc))
 
 for phase in range(PHASES):
-    if sys.stdin.readline().strip() != "go":
+    if TOLD and sys.stdin.readline().strip() != "go":
         sys.exit("told to stop")
     threads = [threading.Thread(target=exchange, args=p) for p in plan]
     for t in threads:
@@ -378,3 +381,31 @@ async def test_the_iptables_cgroup_match_charges_each_cgroup_what_it_sends_and_n
             )
             assert rows == 0
     assert await epochs(pool, host) == epochs_seen
+
+
+@needs_lab
+@needs_bpf
+async def test_tollgate_run_without_a_netns_is_charged_its_own_bytes_from_its_cgroup(
+    runs: Runs, pool: asyncpg.Pool, ledger: LedgerService
+) -> None:
+    alice, workload = unique("alice"), unique("w")
+    async with two_workloads() as (the_lab, workloads, _):
+        lan = the_lab.peers[0]
+        w = workloads[0]
+        plan = json.dumps([[a, c, u, d] for _, a, _, c, u, d in w.plan])
+        ran = await runs.run(
+            "-s", alice, "--workload", workload, "--host", unique("h"),
+            "--lan-cidr", f"{lan.v4},{lan.v6}", "--interval", "0.2",
+            "--", sys.executable, "-c", CLIENT, plan, str(UDP_PORT), "1", "untold",
+        )  # fmt: skip
+        assert ran.status == 0, ran.stderr
+        assert ran.stdout == b"done\n"
+    await final_series(pool, workload)
+    for direction in ("tx", "rx"):
+        for kind in ("lan", "wan"):
+            metric = f"net.{direction}.{kind}.bytes"
+            wanted = w.expected(direction, kind, phases=1)
+            got = int(await total(pool, alice, metric))
+            print(f"tollgate run {metric}: counted {got}, payload+headers {wanted}")
+            assert got == wanted, metric
+    assert not [n for n in pins(ROOT) if n.startswith("run-")], "a run removes its pins"
