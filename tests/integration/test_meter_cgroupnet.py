@@ -408,4 +408,5 @@ async def test_tollgate_run_without_a_netns_is_charged_its_own_bytes_from_its_cg
             got = int(await total(pool, alice, metric))
             print(f"tollgate run {metric}: counted {got}, payload+headers {wanted}")
             assert got == wanted, metric
-    assert not [n for n in pins(ROOT) if n.startswith("run-")], "a run removes its pins"
+    pid = runs.started[-1].pid
+    assert not [n for n in pins(ROOT) if n.startswith(f"run-{pid}-")], "a run removes its pins"
