@@ -34,6 +34,7 @@ from services.meter.agent import AgentOptions
 from services.meter.cgroupbpf import ROOT, pins, remove_pins, unavailable_reason
 from services.meter.cgroupnet import Choice
 from services.meter.cgroups import Mounts
+from services.meter.netfilter import chain_key
 from services.meter.netrules import LanList
 from services.meter.spool import LocalWorkload, register
 from tests.conftest import unique, wait_until
@@ -410,3 +411,57 @@ async def test_tollgate_run_without_a_netns_is_charged_its_own_bytes_from_its_cg
             assert got == wanted, metric
     pid = runs.started[-1].pid
     assert not [n for n in pins(ROOT) if n.startswith(f"run-{pid}-")], "a run removes its pins"
+
+
+@needs_lab
+@needs_bpf
+async def test_a_pinned_map_removed_by_hand_starts_a_new_epoch_and_nothing_counts_twice(
+    servers: TestServers, prefix: str, pool: asyncpg.Pool, ledger: LedgerService, tmp_path: Path
+) -> None:
+    async with two_workloads() as (the_lab, workloads, chains):
+        options = agent_options(
+            servers.nats_url, prefix, tmp_path / "state", the_lab, chains, "bpf"
+        )
+        for w in workloads:
+            register(
+                options.state_dir,
+                LocalWorkload(workload=w.workload, subject=w.subject, cgroups=[str(w.cgroup)]),
+            )
+        async with running(options) as agent:
+            before = agent.state.book.epoch
+
+            async def attached() -> bool:
+                return len(agent.cgroup_dirs) == 2 and agent.state.book.seq >= 3
+
+            await wait_until(attached, what="both cgroups metered")
+            for w in workloads:
+                w.start()
+            await asyncio.gather(*(w.phase() for w in workloads))
+            a = workloads[0]
+            await ledger_reaches(pool, a.subject, "net.rx.wan.bytes", a.expected("rx", "wan", 1))
+            # What an administrator might do: remove workload a's pinned map.
+            owner = ROOT / f"meter-{chains}"
+            key = chain_key(a.workload)
+            (counts,) = [owner / n / "counts" for n in pins(owner) if n.startswith(f"{key}_")]
+            os.unlink(counts)
+
+            async def new_epoch() -> bool:
+                return agent.state.book.epoch != before
+
+            await wait_until(new_epoch, what="a new epoch after the map was removed")
+            await asyncio.gather(*(w.phase() for w in workloads))
+            await asyncio.gather(*(w.phase() for w in workloads))
+            await asyncio.gather(*(w.end() for w in workloads))
+
+            async def finished() -> bool:
+                return not list((options.state_dir / "workloads").glob("*.json"))
+
+            await wait_until(finished, what="both workloads finished")
+    for w in workloads:
+        for direction in ("tx", "rx"):
+            for kind in ("lan", "wan"):
+                metric = f"net.{direction}.{kind}.bytes"
+                wanted = w.expected(direction, kind)
+                await ledger_reaches(pool, w.subject, metric, wanted)
+                assert await counted(pool, w, metric) == wanted, (w.workload, metric)
+    assert sorted(await epochs(pool, options.host)) == sorted([before, agent.state.book.epoch])
