@@ -283,7 +283,9 @@ class MeterAgent:
         for w, probe in self.probes.items():
             if probe.record.veth or not probe.record.cgroups:
                 continue
-            directory = self.cgroup_dirs.get(w) or v2_directory(probe.record.cgroups)
+            directory = self.cgroup_dirs.get(w) or v2_directory(
+                probe.record.cgroups, self.cgroup_net.mounts
+            )
             if directory is None:
                 continue  # not made yet, or v1 only: its bytes are in the host's
             self.cgroup_dirs[w] = directory

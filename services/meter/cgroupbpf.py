@@ -180,8 +180,13 @@ class CgroupBpf:
         """Count `cgroup` (a cgroup-v2 directory) under `key`: its nonce, and whether its
         counters were made just now. Pins that are there and intact are kept (their counters
         go on); missing ones are made anew, from zero, with a new nonce."""
-        where = self._where(key, cgroup)
         known = self._maps.get(key)
+        try:
+            where = self._where(key, cgroup)
+        except FileNotFoundError:
+            if known is None:
+                raise
+            return known[1], False  # the cgroup is gone (its workload ended): read what it had
         if known is not None and "counts" in pins(where):
             return known[1], False
         self._close(key)
@@ -216,10 +221,6 @@ class CgroupBpf:
                     got_bytes[(direction, family, kind)] = count.bytes
                     got_packets[(direction, family, kind)] = count.packets
         return CgroupReading(nonce, got_bytes, got_packets)
-
-    def lost(self, key: str, cgroup: Path) -> bool:
-        """True when the pinned map of `key` is no longer there (someone removed it)."""
-        return key in self._maps and "counts" not in pins(self._where(key, cgroup))
 
     def detach(self, key: str) -> None:
         """Stop counting `key`: its links and map go with their pins."""

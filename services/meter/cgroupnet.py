@@ -92,7 +92,7 @@ class CgroupNet:
         self.mechanism: Mechanism = "none"
         self.bpf: CgroupBpf | None = None
         self.accounting: Accounting | None = None
-        self._created: set[str] = set()
+        self._said: set[str] = set()
 
     @property
     def dispatch(self) -> str:
@@ -212,8 +212,8 @@ class CgroupNet:
             self.bpf.close(remove)
 
     def _once(self, message: str) -> None:
-        if message not in self._created:
-            self._created.add(message)
+        if message not in self._said:
+            self._said.add(message)
             log.warning("%s", message)
 
 
