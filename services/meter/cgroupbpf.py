@@ -146,9 +146,9 @@ class CgroupBpf:
     """Per-cgroup counters for one owner (an agent, or one `tollgate run`), under
     /sys/fs/bpf/tollgate/<owner>/: `lan` (shared trie) and one directory per cgroup."""
 
-    def __init__(self, owner: str, lan: LanList, obj: Path = OBJECT) -> None:
+    def __init__(self, owner: str, lan: LanList, obj: Path | None = None) -> None:
         self.lan = lan
-        self.obj = obj
+        self.obj = obj or OBJECT
         self.dir = ROOT / owner
         self._lib: _Lib | None = None
         self._lan_fd: int | None = None
@@ -234,9 +234,11 @@ class CgroupBpf:
         return {n.partition("_")[0] for n in pins(self.dir) if "_" in n}
 
     def close(self, remove: bool = False) -> None:
-        """Close our descriptors; with `remove`, unpin everything of this owner too."""
+        """Close our descriptors; with `remove`, unpin everything of this owner too (and
+        without, the LAN map when no cgroup is counted any more: nothing would use it)."""
         for key in list(self._maps):
             self._close(key)
+        remove = remove or (self._lib is not None and not self.keys())
         if self._lan_fd is not None:
             os.close(self._lan_fd)
             self._lan_fd = None

@@ -465,3 +465,22 @@ async def test_a_pinned_map_removed_by_hand_starts_a_new_epoch_and_nothing_count
                 await ledger_reaches(pool, w.subject, metric, wanted)
                 assert await counted(pool, w, metric) == wanted, (w.workload, metric)
     assert sorted(await epochs(pool, options.host)) == sorted([before, agent.state.book.epoch])
+
+
+@needs_lab
+def test_without_the_bpf_object_the_meter_falls_back_to_iptables_and_says_why_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import services.meter.cgroupbpf as cgroupbpf
+    from services.meter.cgroupnet import CgroupNet
+
+    monkeypatch.setattr(cgroupbpf, "OBJECT", tmp_path / "missing.bpf.o")
+    net = CgroupNet(f"test-{os.getpid()}", LanList.default(), "TGF", "auto")
+    said = net.start()
+    assert net.mechanism == "iptables"
+    assert said.startswith("network by cgroup: iptables cgroup match, egress only")
+    assert "missing.bpf.o is not built; `make install` builds it" in said
+    assert "\n" not in said
+    forced = CgroupNet(f"test-{os.getpid()}", LanList.default(), "TGF", "bpf")
+    assert forced.start().startswith("network by cgroup: none (eBPF unavailable:")
+    assert forced.mechanism == "none"
