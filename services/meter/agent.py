@@ -286,6 +286,9 @@ class MeterAgent:
             directory = self.cgroup_dirs.get(w) or v2_directory(
                 probe.record.cgroups, self.cgroup_net.mounts
             )
+            if directory is None and self.cgroup_net.pinned(w):
+                # Gone while no agent ran: what its pinned counters hold is still its own.
+                directory = v2_directory(probe.record.cgroups, self.cgroup_net.mounts, False)
             if directory is None:
                 continue  # not made yet, or v1 only: its bytes are in the host's
             self.cgroup_dirs[w] = directory
@@ -307,7 +310,7 @@ class MeterAgent:
             synced.created |= cg.created
         if not self._swept:
             self._swept = True
-            self.cgroup_net.sweep({t.workload for t in targets})
+            self.cgroup_net.sweep(set(self.probes))
         return synced
 
     def _net(self, owners: list[tuple[str, str, Owner]], synced: Synced) -> list[Observation]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import errno
 import ipaddress
 import logging
 import os
@@ -184,9 +185,11 @@ class CgroupBpf:
         try:
             where = self._where(key, cgroup)
         except FileNotFoundError:
-            if known is None:
-                raise
-            return known[1], False  # the cgroup is gone (its workload ended): read what it had
+            # The cgroup is gone (its workload ended): read what it counted, from the map we
+            # hold or the one a previous life of ours pinned.
+            if known is not None:
+                return known[1], False
+            return self._orphan(key, cgroup), False
         if known is not None and "counts" in pins(where):
             return known[1], False
         self._close(key)
@@ -199,6 +202,16 @@ class CgroupBpf:
         nonce = str(self.lib.map_id(fd))
         self._maps[key] = (fd, nonce)
         return nonce, made
+
+    def _orphan(self, key: str, cgroup: Path) -> str:
+        for name in sorted(pins(self.dir)):
+            if name.startswith(f"{key}_") and "counts" in pins(self.dir / name):
+                fd = int(self.lib.lib.bpf_obj_get(str(self.dir / name / "counts").encode()))
+                if fd >= 0:
+                    nonce = str(self.lib.map_id(fd))
+                    self._maps[key] = (fd, nonce)
+                    return nonce
+        raise FileNotFoundError(errno.ENOENT, "no such cgroup, and no counters pinned", str(cgroup))
 
     def read(self, key: str) -> CgroupReading | None:
         """The counters of `key` now; None when it is not attached (or its pin was lost)."""
@@ -229,7 +242,7 @@ class CgroupBpf:
             if name.partition("_")[0] == key:
                 remove_pins(self.dir / name)
 
-    def keys(self) -> set[str]:
+    def pinned_keys(self) -> set[str]:
         """The keys pinned under this owner (say, by a previous life of the agent)."""
         return {n.partition("_")[0] for n in pins(self.dir) if "_" in n}
 
@@ -238,7 +251,7 @@ class CgroupBpf:
         without, the LAN map when no cgroup is counted any more: nothing would use it)."""
         for key in list(self._maps):
             self._close(key)
-        remove = remove or (self._lib is not None and not self.keys())
+        remove = remove or (self._lib is not None and not self.pinned_keys())
         if self._lan_fd is not None:
             os.close(self._lan_fd)
             self._lan_fd = None

@@ -54,9 +54,12 @@ class CgroupTarget:
     owner: Owner
 
 
-def v2_directory(paths: Sequence[str], mounts: Mounts | None = None) -> Path | None:
+def v2_directory(
+    paths: Sequence[str], mounts: Mounts | None = None, existing: bool = True
+) -> Path | None:
     """The cgroup-v2 directory among a workload's cgroups (absolute, or relative to the v2
-    mount), or None when none of them is one that exists."""
+    mount), or None when none of them is one that exists (with `existing=False`: the first
+    that would be one, existing or not)."""
     mounts = mounts or Mounts.here()
     if mounts.v2 is None:
         return None
@@ -68,7 +71,7 @@ def v2_directory(paths: Sequence[str], mounts: Mounts | None = None) -> Path | N
             continue  # a v1 hierarchy: sockets are not charged to those
         else:
             candidate = mounts.v2 / text.lstrip("/")
-        if (candidate / "cgroup.procs").exists():
+        if not existing or (candidate / "cgroup.procs").exists():
             return candidate
     return None
 
@@ -183,12 +186,16 @@ class CgroupNet:
         if self.accounting is not None:
             self.accounting.remove([target_owner])
 
+    def pinned(self, workload: str) -> bool:
+        """Whether a previous life left counters pinned for `workload` (eBPF only)."""
+        return self.bpf is not None and chain_key(workload) in self.bpf.pinned_keys()
+
     def sweep(self, workloads: set[str]) -> None:
         """Remove what a previous life counted for workloads that are gone (ended while no
         agent ran): pins, or chains and their jumps."""
         keep = {chain_key(w) for w in workloads}
         if self.bpf is not None:
-            for key in self.bpf.keys() - keep:
+            for key in self.bpf.pinned_keys() - keep:
                 log.info("removing the BPF counters of a cgroup workload that ended (%s)", key)
                 self.bpf.detach(key)
         if self.accounting is not None:

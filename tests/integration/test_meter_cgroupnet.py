@@ -162,9 +162,10 @@ def cgroups_made(*names: str) -> Iterator[list[Path]]:
         yield dirs
     finally:
         for d in dirs:
-            for pid in (d / "cgroup.procs").read_text().split():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(pid), 9)
+            with contextlib.suppress(FileNotFoundError):
+                for pid in (d / "cgroup.procs").read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), 9)
         for d in [*dirs, parent]:
             for _ in range(50):
                 try:
@@ -198,6 +199,7 @@ class Workload:
     cgroup: Path
     plan: list[tuple[str, str, int, int, int, int]]  # (kind, address, version, count, up, down)
     proc: subprocess.Popen[str] | None = None
+    phases: int = PHASES
 
     def start(self) -> None:
         procs = str(self.cgroup / "cgroup.procs")
@@ -208,7 +210,7 @@ class Workload:
 
         args = json.dumps([[a, c, u, d] for _, a, _, c, u, d in self.plan])
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CLIENT, args, str(UDP_PORT), str(PHASES)],
+            [sys.executable, "-c", CLIENT, args, str(UDP_PORT), str(self.phases)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -484,3 +486,51 @@ def test_without_the_bpf_object_the_meter_falls_back_to_iptables_and_says_why_in
     forced = CgroupNet(f"test-{os.getpid()}", LanList.default(), "TGF", "bpf")
     assert forced.start().startswith("network by cgroup: none (eBPF unavailable:")
     assert forced.mechanism == "none"
+
+
+@needs_lab
+@needs_bpf
+async def test_what_a_cgroup_sent_before_it_ended_while_no_agent_ran_is_still_charged(
+    servers: TestServers, prefix: str, pool: asyncpg.Pool, ledger: LedgerService, tmp_path: Path
+) -> None:
+    async with two_workloads() as (the_lab, workloads, chains):
+        options = agent_options(servers.nats_url, prefix, tmp_path / "s", the_lab, chains, "bpf")
+        for w in workloads:
+            w.phases = 2
+            register(
+                options.state_dir,
+                LocalWorkload(workload=w.workload, subject=w.subject, cgroups=[str(w.cgroup)]),
+            )
+        async with running(options) as first:
+
+            async def attached() -> bool:
+                return len(first.cgroup_dirs) == 2 and first.state.book.seq >= 3
+
+            await wait_until(attached, what="both cgroups metered")
+            for w in workloads:
+                w.start()
+                assert w.proc is not None
+                record = LocalWorkload(
+                    workload=w.workload, subject=w.subject, cgroups=[str(w.cgroup)], pid=w.proc.pid
+                )
+                register(options.state_dir, record)  # its launcher learnt its pid
+            await asyncio.gather(*(w.phase() for w in workloads))
+        # No agent: the workloads exchange once more, end, and their cgroups are removed.
+        await asyncio.gather(*(w.phase() for w in workloads))
+        await asyncio.gather(*(w.end() for w in workloads))
+        for w in workloads:
+            w.cgroup.rmdir()
+        async with running(options) as second:
+
+            async def finished() -> bool:
+                return not list((options.state_dir / "workloads").glob("*.json"))
+
+            await wait_until(finished, what="both workloads finished")
+            assert not second.cgroup_net.bpf or not second.cgroup_net.bpf.pinned_keys()
+    for w in workloads:
+        for direction in ("tx", "rx"):
+            for kind in ("lan", "wan"):
+                metric = f"net.{direction}.{kind}.bytes"
+                wanted = w.expected(direction, kind, phases=2)
+                await ledger_reaches(pool, w.subject, metric, wanted)
+                assert await counted(pool, w, metric) == wanted, (w.workload, metric)
