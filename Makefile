@@ -6,12 +6,14 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install system-deps run test lint typecheck unit integration e2e bench clean
+.PHONY: install system-deps bpf run test lint typecheck unit integration e2e bench clean
 
 # Debian packages: iptables and iproute2 for the meter (accounting chains, network
-# namespaces); chromium and two font packages for the web page's browser test. Installed
-# when missing and we may (root with apt-get); elsewhere the tests that need them skip.
-DEB_PACKAGES := iptables iproute2 chromium fonts-dejavu-core fonts-liberation
+# namespaces); clang, libbpf-dev (headers) and libbpf1 (loaded at run time) for its
+# per-cgroup eBPF counters; chromium and two font packages for the web page's browser
+# test. Installed when missing and we may (root with apt-get); elsewhere the tests that
+# need them skip.
+DEB_PACKAGES := iptables iproute2 clang libbpf-dev libbpf1 chromium fonts-dejavu-core fonts-liberation
 system-deps:
 	@command -v dpkg-query >/dev/null 2>&1 || { echo "Note: not a Debian system; install $(DEB_PACKAGES) yourself or the tests that need them skip"; exit 0; }; \
 	missing=""; for p in $(DEB_PACKAGES); do \
@@ -25,7 +27,21 @@ system-deps:
 	  fi; \
 	fi
 
-install: $(STAMP) system-deps
+install: $(STAMP) system-deps bpf
+
+# The meter's cgroup_skb programs, compiled once here (no CO-RE: the object loads on any
+# kernel with cgroup-BPF). Without clang or the headers the meter falls back to iptables.
+BPF_SRC := services/meter/bpf/cgroup_net.bpf.c
+BPF_OBJ := services/meter/bpf/cgroup_net.bpf.o
+bpf: system-deps
+	@if command -v clang >/dev/null 2>&1 && [ -f /usr/include/bpf/bpf_helpers.h ]; then \
+	  $(MAKE) --no-print-directory $(BPF_OBJ); \
+	else \
+	  echo "Note: clang or libbpf-dev missing: $(BPF_OBJ) not built; the meter counts cgroups' traffic with iptables instead (egress only)"; \
+	fi
+
+$(BPF_OBJ): $(BPF_SRC)
+	clang -O2 -g -Wall -target bpf -I/usr/include/$$(uname -m)-linux-gnu -c $< -o $@
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Tollgate needs Python 3.11 or newer; set PYTHON=/path/to/python3.11")'
@@ -62,4 +78,5 @@ bench: install
 	BENCH_FULL=$(BENCH_FULL) $(BIN)/python -m bench
 
 clean:
+	rm -f $(BPF_OBJ)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

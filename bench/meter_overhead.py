@@ -8,7 +8,12 @@ once per interval, and publishes one batch per interval to a real NATS JetStream
 runs the real `tollgate meter` as its own process and measures it (its iptables-save
 children included) over `--seconds`, against the same agent with no workload. Needs root.
 
+`--modes` also measures the same workloads without namespaces, metered by their cgroups:
+`bpf` (pinned cgroup_skb counters, one map read per workload per interval) and `iptables`
+(one `-m cgroup --path` chain per workload, read in the same save as the host's).
+
     .venv/bin/python bench/meter_overhead.py [--workloads 100] [--interval 1] [--seconds 30]
+        [--modes netns,bpf,iptables]
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ console = Console()
 
 @dataclass
 class Measured:
+    mode: str
     workloads: int
     cpu_percent: float
     cpu_ms_per_tick: float
@@ -55,8 +61,9 @@ def sh(*argv: str) -> str:
 
 
 @contextlib.contextmanager
-def workloads(count: int, state: Path, tag: str) -> Iterator[None]:
-    """`count` sleeping processes, each with its cgroups, netns and veth pair, registered."""
+def workloads(count: int, state: Path, tag: str, netns: bool = True) -> Iterator[None]:
+    """`count` sleeping processes, each with its cgroups (and with `netns`, a namespace and
+    veth pair of its own), registered."""
     procs, groups, names = [], [], []
     try:
         for i in range(count):
@@ -64,13 +71,14 @@ def workloads(count: int, state: Path, tag: str) -> Iterator[None]:
             group = cgroups.create(name)
             groups.append(group)
             ns, veth = f"tgbench-{tag}-{i}", f"tgw{tag}{i:03d}"
-            sh("ip", "netns", "add", ns)
-            names.append((ns, veth))
-            sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
-            sh("ip", "link", "set", veth, "up")
+            if netns:
+                sh("ip", "netns", "add", ns)
+                names.append((ns, veth))
+                sh("ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns)
+                sh("ip", "link", "set", veth, "up")
             procs.append(
                 subprocess.Popen(
-                    ["ip", "netns", "exec", ns, "sleep", "3600"],
+                    ["ip", "netns", "exec", ns, "sleep", "3600"] if netns else ["sleep", "3600"],
                     preexec_fn=lambda g=group: [  # type: ignore[misc]
                         (d / "cgroup.procs").write_text(str(os.getpid())) for d in g.dirs
                     ],
@@ -83,7 +91,7 @@ def workloads(count: int, state: Path, tag: str) -> Iterator[None]:
                     subject=f"user{i % 7}",
                     pid=procs[-1].pid,
                     cgroups=[str(d) for d in group.dirs],
-                    veth=veth,
+                    veth=veth if netns else None,
                 ),
             )
         yield
@@ -125,7 +133,7 @@ def our_rules(prefix: str) -> int:
 
 
 def measure(
-    env: dict[str, str], state: Path, prefix: str, count: int, args: argparse.Namespace
+    env: dict[str, str], state: Path, prefix: str, count: int, args: argparse.Namespace, mode: str
 ) -> Measured:
     agent = subprocess.Popen(
         [
@@ -141,6 +149,8 @@ def measure(
             prefix,
             "--host",
             f"bench-{prefix}",
+            "--cgroup-net",
+            mode if mode in ("bpf", "iptables") else "off",
         ],
         env=env,
         stderr=subprocess.DEVNULL,
@@ -156,6 +166,7 @@ def measure(
             time.sleep(0.5)
         used, wall, ticks = _cpu(proc) - before, time.monotonic() - started, _seq(state) - seq0
         return Measured(
+            mode,
             count,
             100 * used / wall,
             1000 * used / max(ticks, 1),
@@ -181,6 +192,19 @@ def _seq(state: Path) -> int:
     return 0
 
 
+def _unpin(name: str) -> None:
+    from services.meter.cgroupbpf import ROOT, pins, remove_pins
+
+    where = ROOT / name
+    for entry in pins(where):
+        if entry == "lan":
+            os.unlink(where / entry)
+        else:
+            remove_pins(where / entry)
+    with contextlib.suppress(OSError):
+        where.rmdir()
+
+
 async def streams(url: str, prefix: str) -> None:
     nc = await nats.connect(url)
     await ensure_streams(nc.jetstream(), prefix, duplicate_window=120)
@@ -193,6 +217,7 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--warmup", type=float, default=8.0)
+    parser.add_argument("--modes", default="netns", help="netns, bpf, iptables (comma-separated)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("meter_overhead needs root (iptables chains, network namespaces, cgroups)")
@@ -208,23 +233,26 @@ def main() -> None:
                 "TOLLGATE_LOG_LEVEL": "WARNING",
             }
             asyncio.run(streams(server.url, "bench"))
-            for count in (0, args.workloads):
-                prefix = f"TGB{tag.upper()}{count}"
-                state = Path(tmp) / f"state-{count}"
+            runs = [("netns", 0)] + [(m, args.workloads) for m in args.modes.split(",")]
+            for n, (mode, count) in enumerate(runs):
+                prefix = f"TGB{tag.upper()}{n}"
+                state = Path(tmp) / f"state-{n}"
                 try:
                     with (
-                        console.status(f"{count} workloads: setting up and measuring"),
-                        workloads(count, state, f"{tag}{count % 10}"),
+                        console.status(f"{count} workloads ({mode}): setting up and measuring"),
+                        workloads(count, state, f"{tag}{n % 10}", netns=mode == "netns"),
                     ):
-                        results.append(measure(env, state, prefix, count, args))
+                        results.append(measure(env, state, prefix, count, args, mode))
                 finally:
                     drop_chains(prefix)
+                    _unpin(f"meter-{prefix}")
         finally:
             server.stop()
     table = Table(
         title=f"tollgate meter, sampling every {args.interval:g} s for {args.seconds:g} s"
     )
     for column in (
+        "network by",
         "workloads",
         "iptables rules",
         "ticks",
@@ -235,6 +263,7 @@ def main() -> None:
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
+            r.mode if r.workloads else "-",
             str(r.workloads),
             str(r.rules),
             str(r.ticks),

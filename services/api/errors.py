@@ -58,7 +58,11 @@ _UNPARSED = "There was an error parsing the body"
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's answers, made to say what is wrong: unreadable bodies, unknown paths,
+    and a 405 that lists the methods of every route on the path."""
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 405:
+        return await _method_not_allowed(request, exc)
     if exc.status_code == 400 and exc.detail == _UNPARSED:
         # A body that is not UTF-8 or is nested beyond the parser's depth: bad JSON, like
         # any other, and a 422 that says so (FastAPI's own 400 names no cause).
@@ -95,22 +99,19 @@ async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
 _METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
 
 
-async def _http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's answer, except that a 405 lists the methods of every route on the path
-    (it lists only those of the first route that matched, e.g. POST but not GET)."""
-    assert isinstance(exc, StarletteHTTPException)
+async def _method_not_allowed(request: Request, exc: StarletteHTTPException) -> Response:
+    # Starlette lists only the methods of the first route that matched (POST but not GET).
     headers = dict(exc.headers or {})
-    if exc.status_code == 405:
-        methods = [
-            m
-            for m in _METHODS
-            if any(
-                r.matches({**request.scope, "method": m})[0] is Match.FULL
-                for r in request.app.router.routes
-            )
-        ]
-        if methods:
-            headers["Allow"] = ", ".join(methods)
+    methods = [
+        m
+        for m in _METHODS
+        if any(
+            r.matches({**request.scope, "method": m})[0] is Match.FULL
+            for r in request.app.router.routes
+        )
+    ]
+    if methods:
+        headers["Allow"] = ", ".join(methods)
     return await http_exception_handler(request, StarletteHTTPException(
         exc.status_code, exc.detail, headers
     ))  # fmt: skip
@@ -118,7 +119,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def install(app: FastAPI) -> None:
     """Register the handlers on `app`."""
-    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     for exc_type in UNAVAILABLE:

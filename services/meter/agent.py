@@ -25,6 +25,7 @@ from contracts.samples import CounterBatch, samples_subject
 from contracts.workloads import WorkloadStopped, workloads_subject
 
 from .book import Observation
+from .cgroupnet import CgroupNet, CgroupTarget, Choice, v2_directory
 from .commands import CommandListener
 from .domain import new_epoch
 from .gpu import GpuProvider, GpuSample
@@ -55,6 +56,7 @@ class AgentOptions:
     host_workload: str | None = None  # default: the host name
     host_interfaces: tuple[str, ...] = ()
     iptables: bool = True
+    cgroup_net: Choice = "auto"  # per-cgroup network bytes: auto, bpf, iptables or off
     flush_timeout: float = 5.0
     nats_seed_file: Path | None = None  # nkey seed from `tollgate nats-config`
 
@@ -70,6 +72,14 @@ class MeterAgent:
         )
         self.spool = Spool(options.state_dir / SPOOL)
         self.accounting = Accounting(options.lan) if options.iptables else None
+        choice = options.cgroup_net
+        if not options.iptables and choice in ("auto", "iptables"):
+            choice = "bpf" if choice == "auto" else "off"
+        self.cgroup_net = CgroupNet(
+            f"meter-{options.chain_prefix}", options.lan, options.chain_prefix, choice
+        )
+        self.cgroup_dirs: dict[str, Path] = {}
+        self._swept = False
         self.state = AgentState.resume(options.state_dir, options.host)
         self.probes: dict[str, WorkloadProbe] = {}
         self.stopping: dict[str, asyncio.Task[None]] = {}
@@ -85,6 +95,8 @@ class MeterAgent:
             self.link.enqueue(message)
         if self.accounting is not None:
             await asyncio.to_thread(self.accounting.probe)
+        said = await asyncio.to_thread(self.cgroup_net.start)
+        log.log(logging.INFO if self.cgroup_net.mechanism == "bpf" else logging.WARNING, "%s", said)
         self.listener = CommandListener(
             self.link,
             self.o.prefix,
@@ -119,6 +131,7 @@ class MeterAgent:
             self.state.outbox = self.link.pending()
             self._save()
             await self.link.close()
+            self.cgroup_net.close()  # the pins stay: they count on until the next life
 
     async def tick(self) -> None:
         """One interval: read everything, publish one batch."""
@@ -131,8 +144,9 @@ class MeterAgent:
         for workload in [w for w in self.probes if w not in records]:
             log.info("workload %s ended: its workload file was removed", workload)
             self.over.add(workload)
-        owners = self._owners()
-        synced = await asyncio.to_thread(self._sync, owners)
+        targets = self._cgroup_targets()
+        owners = self._owners() + [(t.subject, t.workload, t.owner) for t in targets]
+        synced = await asyncio.to_thread(self._sync, owners, targets)
         samples = await asyncio.to_thread(self.gpus.sample) if self.gpus is not None else []
         obs = merge(*self._net(owners, synced), *self._workloads(wall, samples))
         restarted, unknown = chain_changes(self.state.chains, owners, synced)
@@ -187,12 +201,18 @@ class MeterAgent:
         )
         self._lifecycle(stopped.to_json(), f"{workload}:stopped")
         self.state.book.forget(workload)
+        if workload in self.cgroup_dirs:
+            owner = self.cgroup_net.owner(workload, self.cgroup_dirs.pop(workload))
+            self.cgroup_net.remove(owner)
+            for chains in self.state.chains.values():
+                for chain in owner.chains:
+                    chains.pop(chain.name, None)
         if self.accounting is not None and probe.record.veth:
             owner = workload_owner(self.o.chain_prefix, workload, probe.record.veth)
             self.accounting.remove([owner])
             for chains in self.state.chains.values():
-                for chain in (owner.tx.name, owner.rx.name):
-                    chains.pop(chain, None)
+                for chain in owner.chains:
+                    chains.pop(chain.name, None)
         self.spool.discard(workload)
 
     async def _command(self, command: TerminateWorkload) -> None:
@@ -255,10 +275,43 @@ class MeterAgent:
                 owners.append((probe.record.subject, w, owner))
         return owners
 
-    def _sync(self, owners: list[tuple[str, str, Owner]]) -> Synced:
+    def _cgroup_targets(self) -> list[CgroupTarget]:
+        """Workloads without a namespace of their own whose file names a cgroup-v2 directory."""
+        if self.cgroup_net.mechanism == "none":
+            return []
+        targets = []
+        for w, probe in self.probes.items():
+            if probe.record.veth or not probe.record.cgroups:
+                continue
+            directory = self.cgroup_dirs.get(w) or v2_directory(
+                probe.record.cgroups, self.cgroup_net.mounts
+            )
+            if directory is None and self.cgroup_net.pinned(w):
+                # Gone while no agent ran: what its pinned counters hold is still its own.
+                directory = v2_directory(probe.record.cgroups, self.cgroup_net.mounts, False)
+            if directory is None:
+                continue  # not made yet, or v1 only: its bytes are in the host's
+            self.cgroup_dirs[w] = directory
+            owner = self.cgroup_net.owner(w, directory)
+            targets.append(CgroupTarget(probe.record.subject, w, directory, owner))
+        return targets
+
+    def _sync(self, owners: list[tuple[str, str, Owner]], targets: list[CgroupTarget]) -> Synced:
+        # Cgroup chains (the iptables mechanism) are read in the same save as all others.
+        by_bpf = {t.workload for t in targets} if self.cgroup_net.mechanism == "bpf" else set()
         if self.accounting is None:
-            return Synced()
-        return self.accounting.sync([o for _, _, o in owners])
+            synced = Synced()
+        else:
+            synced = self.accounting.sync([o for _, w, o in owners if w not in by_bpf])
+        if by_bpf:
+            cg = self.cgroup_net.sync(targets)
+            for family, readings in cg.readings.items():
+                synced.readings.setdefault(family, {}).update(readings)
+            synced.created |= cg.created
+        if not self._swept:
+            self._swept = True
+            self.cgroup_net.sweep(set(self.probes))
+        return synced
 
     def _net(self, owners: list[tuple[str, str, Owner]], synced: Synced) -> list[Observation]:
         return [net_observation(s, w, o, synced) for s, w, o in owners]

@@ -1,7 +1,8 @@
 """One metered run of `tollgate run`: the command, its counters, its termination.
 
 The command's output is counted as it passes; CPU and memory come from its cgroups (or its
-process tree), network bytes from its namespace's chains (`--netns`), GPU time from NVML
+process tree), network bytes from its namespace's chains (`--netns`) or else from its cgroup
+(eBPF counters, or an iptables cgroup match for what it sends), GPU time from NVML
 when it was given GPUs. A termination command for this workload (SIGTERM, grace, SIGKILL)
 or the local hourly log quota (SIGKILL at once) ends it with 128 + the last signal, and the
 reason said in one line and sent in `workload_stopped`.
@@ -27,15 +28,16 @@ from contracts.samples import CounterBatch, samples_subject
 from contracts.workloads import WorkloadStarted, WorkloadStopped, workloads_subject
 
 from .book import CounterBook, Observation, SeriesId, component
+from .cgroupnet import v2_directory
 from .child import Child, CommandNotStarted, Output, SignalRelay, not_runnable, start_child
 from .commands import CommandListener
-from .cpu import Collector, ProcessTreeCollector, open_collector
+from .cpu import CgroupCollector, Collector, ProcessTreeCollector, open_collector
 from .domain import EXIT_NO_NETNS, LogQuota, Reading, UsageAccount, exit_status, new_epoch
 from .gpu import GpuMeter, GpuProvider, open_gpus
 from .netns import SandboxError
 from .probe import merge
 from .publisher import Message, MeterLink
-from .runnet import RunNetwork
+from .runnet import RunCgroupNetwork, RunNetwork
 from .stopping import Stopped, kill, terminate
 
 if TYPE_CHECKING:
@@ -63,6 +65,7 @@ class Metered:
             if options.netns
             else None
         )
+        self.cgroup_network: RunCgroupNetwork | None = None
         self.started = time.monotonic()
         self.child: Child | None = None
         self.child_started = asyncio.Event()
@@ -93,6 +96,8 @@ class Metered:
         listener = CommandListener(self.link, o.prefix, o.host, self._command, since=commands_since)
         listening = asyncio.create_task(listener.run())
         try:
+            if self.network is None and o.cgroup_net and isinstance(collector, CgroupCollector):
+                await self._meter_cgroup(collector)
             if self.network is not None:
                 try:
                     await self.network.create()
@@ -114,8 +119,22 @@ class Metered:
                     await self.stopping
             if self.network is not None:
                 await self.network.remove()
+            if self.cgroup_network is not None:
+                await self.cgroup_network.remove()
             if self.gpus is not None:
                 self.gpus.close()
+
+    async def _meter_cgroup(self, collector: CgroupCollector) -> None:
+        o = self.options
+        directory = v2_directory([str(d) for d in collector.cgroup.dirs])
+        if directory is None:
+            log.info("network bytes are not metered: the run's cgroup is not a cgroup-v2 one")
+            return
+        network = RunCgroupNetwork(o.subject, o.workload, o.lan, directory)
+        if await network.start():
+            self.cgroup_network = network
+        else:
+            await network.remove()
 
     async def _run_child(self, cmd: Sequence[str], collector: Collector) -> int:
         with SignalRelay() as signals:
@@ -263,9 +282,10 @@ class Metered:
             {SeriesId(s, w, m): {component(w, m): v} for m, v in values.items()},
             {SeriesId(s, w, m): self.gpu.labels() for m in values if m.startswith("gpu.")},
         )
-        if self.network is None:
+        source = self.network or self.cgroup_network
+        if source is None:
             return obs
-        net, restarted = await self.network.read()
+        net, restarted = await source.read()
         obs = merge(obs, net)
         if restarted:
             closing = self.book.roll(obs, restarted, utcnow(), new_epoch())

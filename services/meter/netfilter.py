@@ -98,14 +98,14 @@ class Owner:
 
     key: str
     tx: AccountChain
-    rx: AccountChain
+    rx: AccountChain | None  # None: this owner's incoming traffic cannot be told apart
     hooks: tuple[Hook, ...]
     # Chains (not accounting) the hooks need, made empty when missing: our dispatch chain.
     needs: tuple[str, ...] = ()
 
     @property
-    def chains(self) -> tuple[AccountChain, AccountChain]:
-        return (self.tx, self.rx)
+    def chains(self) -> tuple[AccountChain, ...]:
+        return (self.tx, self.rx) if self.rx is not None else (self.tx,)
 
 
 def chain_key(name: str) -> str:

@@ -141,7 +141,7 @@ class Hook:
     first: bool = False  # built-in chains: ahead of the firewall's own rules
 
     def spec(self) -> str:
-        return " ".join((*self.match, "-j", self.target))
+        return " ".join((*(_quoted(m) for m in self.match), "-j", self.target))
 
     @property
     def shape(self) -> tuple[str, ...]:

@@ -120,6 +120,8 @@ def net_observation(subject: str, workload: str, owner: Owner, synced: Synced) -
     """`net.{tx,rx}.{lan,wan}.bytes` of one owner: both families' chains added up."""
     parts: dict[SeriesId, dict[str, Decimal]] = {}
     for direction, chain in (("tx", owner.tx), ("rx", owner.rx)):
+        if chain is None:
+            continue  # not counted (say, ingress by the iptables cgroup match): no series
         for kind in ("lan", "wan"):
             series = SeriesId(subject, workload, f"net.{direction}.{kind}.bytes")
             parts[series] = {

@@ -47,6 +47,7 @@ class RunOptions:
     interval: float = 10.0
     fail_closed: bool = False
     use_cgroup: bool = True
+    cgroup_net: bool = True  # without --netns: network bytes from the run's cgroup
     spawn_timeout: float = 2.0
     flush_timeout: float = 10.0
     netns: bool = False

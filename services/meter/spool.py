@@ -9,7 +9,8 @@ find the workload on this host:
      "resources": {"cpus": 2, "mem_bytes": 4294967296, "gpus": 1, "gpu_model": "H100"},
      "started_at": "2026-11-22T10:00:00Z",
      "pid": 4242,                                   # its root process, if known
-     "cgroups": ["/slurm/job_123"],                  # its cgroup(s): absolute, or per mount
+     "cgroups": ["/slurm/job_123"],                  # its cgroup(s): absolute, or per mount;
+                                                     # a v2 one also meters its network bytes
      "veth": "tgw1a2b3c4d",                          # host end of its veth, if it has a netns
      "gpu_devices": ["0", "GPU-5d1c..."]}            # its GPUs, else found by its processes
 

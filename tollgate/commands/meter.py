@@ -61,11 +61,22 @@ def register(app: typer.Typer) -> None:
             [], help="count host traffic on these interfaces only (default: all but lo and tgw*)"
         ),
         iptables: bool = typer.Option(True, help="meter network bytes with iptables/ip6tables"),
+        cgroup_net: str = typer.Option(
+            "auto",
+            help="network bytes of workloads without a netns, by their cgroup: auto (eBPF, "
+            "else the iptables cgroup match, egress only), bpf, iptables or off",
+        ),
         gpu: bool = typer.Option(True, help="meter GPU time through NVML when present"),
     ) -> None:
         from services.meter.agent import AgentOptions, MeterAgent
+        from services.meter.cgroupnet import CHOICES
         from services.meter.gpu import open_gpus
         from tollgate.commands.run import checked_seed_file, lan_list
+
+        if cgroup_net not in CHOICES:
+            raise typer.BadParameter(
+                f"{cgroup_net!r} is not one of {', '.join(CHOICES)}", param_hint="--cgroup-net"
+            )
 
         logs.configure()
         logging.getLogger("tollgate.bus").setLevel(logging.ERROR)
@@ -90,6 +101,7 @@ def register(app: typer.Typer) -> None:
             host_workload=host_workload,
             host_interfaces=tuple(host_interface),
             iptables=iptables,
+            cgroup_net=cgroup_net,
             nats_seed_file=checked_seed_file(settings),
         )
         typer.echo(

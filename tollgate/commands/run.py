@@ -133,6 +133,11 @@ def register(app: typer.Typer) -> None:
             help="run CMD in a network namespace of its own, NATed to the host, so its LAN "
             "and WAN bytes in and out are counted (needs root)",
         ),
+        cgroup_net: bool = typer.Option(
+            True,
+            help="without --netns: count CMD's LAN and WAN bytes by its cgroup (eBPF both "
+            "ways; else iptables, what it sends only; needs root and cgroup v2)",
+        ),
         lan_cidr: list[str] = typer.Option(
             [],
             envvar="TOLLGATE_LAN_CIDRS",
@@ -178,6 +183,7 @@ def register(app: typer.Typer) -> None:
             interval=interval,
             fail_closed=fail_closed,
             use_cgroup=cgroup,
+            cgroup_net=cgroup_net,
             spawn_timeout=spawn_timeout,
             flush_timeout=flush_timeout,
             netns=netns,
