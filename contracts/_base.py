@@ -200,6 +200,10 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(UTC)
 
 
+def _check_quota_metric(value: str) -> str:
+    return value if value == "cost" else _check_metric(value)
+
+
 Name = Annotated[str, AfterValidator(_check_name)]
 """A subject, workload, host or group: 1-200 characters of valid Unicode without control
 characters or surrounding whitespace. Anything else ('.', '*', '>', '@', '/', spaces, any
@@ -209,6 +213,8 @@ Text = Annotated[str, AfterValidator(_check_text)]
 Labels = Annotated[dict[str, Text], AfterValidator(_check_labels)]
 """Series labels: identifier keys, short printable values."""
 MetricName = Annotated[str, AfterValidator(_check_metric)]
+# What a quota limits: a metric, or "cost" (a budget in money over every priced metric).
+QuotaMetric = Annotated[str, AfterValidator(_check_quota_metric)]
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 
 

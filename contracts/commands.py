@@ -11,8 +11,8 @@ from ._base import (
     DEFAULT_PREFIX,
     Contract,
     DecimalText,
-    MetricName,
     Name,
+    QuotaMetric,
     UtcDatetime,
     encode_token,
     stream_of,
@@ -39,7 +39,7 @@ class TerminateWorkload(Contract):
     subject: Name
     reason: str = Field(min_length=1, max_length=100)
     quota: str
-    metric: MetricName
+    metric: QuotaMetric
     used: DecimalText
     limit: DecimalText
     grace_seconds: Decimal = Field(default=Decimal(30), ge=0, le=86_400)

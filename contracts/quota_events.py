@@ -11,8 +11,8 @@ from ._base import (
     DEFAULT_PREFIX,
     Contract,
     DecimalText,
-    MetricName,
     Name,
+    QuotaMetric,
     UtcDatetime,
     encode_token,
     stream_of,
@@ -21,6 +21,7 @@ from ._base import (
 
 WARNING_SCHEMA: Final = "tollgate.quota_warning.v1"
 EXCEEDED_SCHEMA: Final = "tollgate.quota_exceeded.v1"
+FORECAST_SCHEMA: Final = "tollgate.quota_forecast.v1"
 
 
 class QuotaWarning(Contract):
@@ -29,7 +30,7 @@ class QuotaWarning(Contract):
     schema_: Literal["tollgate.quota_warning.v1"] = Field(default=WARNING_SCHEMA, alias="schema")
     subject: Name
     quota: str
-    metric: MetricName
+    metric: QuotaMetric
     threshold: DecimalText
     workload: Name | None = Field(default=None, description="set for per-workload quotas")
     used: DecimalText
@@ -44,12 +45,34 @@ class QuotaExceeded(Contract):
     schema_: Literal["tollgate.quota_exceeded.v1"] = Field(default=EXCEEDED_SCHEMA, alias="schema")
     subject: Name
     quota: str
-    metric: MetricName
+    metric: QuotaMetric
     used: DecimalText
     limit: DecimalText
     unit: str
     retry_at: datetime | None = None
     workload: Name | None = Field(default=None, description="set for per-workload quotas")
+    decided_at: UtcDatetime
+
+
+class QuotaForecast(Contract):
+    """At its recent rate, a subject (or group pool) will use up a quota within its window.
+
+    Sent once when the projection first falls inside the window, not on every update; the
+    projection itself is on every quota status as `projected_exhaustion_at`.
+    """
+
+    schema_: Literal["tollgate.quota_forecast.v1"] = Field(default=FORECAST_SCHEMA, alias="schema")
+    subject: Name
+    quota: str
+    metric: QuotaMetric
+    used: DecimalText
+    limit: DecimalText
+    unit: str
+    rate_per_hour: DecimalText = Field(
+        description="the recent rate, in the quota's unit per hour (rounded to 6 places)"
+    )
+    projected_exhaustion_at: UtcDatetime
+    window: str = Field(description="the quota's window, e.g. 'rolling:2592000s'")
     decided_at: UtcDatetime
 
 

@@ -62,6 +62,14 @@ class QuotaStatus(Contract):
     reserved: DecimalText = Field(
         default=Decimal(0), description="held for spawns allowed but not yet showing usage"
     )
+    projected_exhaustion_at: UtcDatetime | None = Field(
+        default=None,
+        description=(
+            "when the quota runs out at the subject's recent rate (usage over the last "
+            "min(window, 6 h) of hour buckets); null when nothing is being used, the quota is "
+            "already used up, or the instant lies beyond the window's end"
+        ),
+    )
     mode: Literal["hard", "soft"] = Field(
         default="hard", description="soft: over the limit is reported, never denied or terminated"
     )

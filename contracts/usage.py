@@ -40,6 +40,9 @@ class UsageRecorded(Contract):
     window_end: UtcDatetime
     reset: bool = False
     batch_hash: str
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="the sample's labels, e.g. gpu_model (prices use it)"
+    )
     received_at: UtcDatetime | None = Field(
         default=None, description="when JetStream stored the sample (events since 0004)"
     )

@@ -29,7 +29,13 @@ from contracts.commands import (
 from contracts.dlq import DeadLetterReason, dlq_stream, dlq_wildcard
 from contracts.errors import ErrorReply
 from contracts.grants import GrantRecorded, GrantRevoked, grants_subject
-from contracts.quota_events import QuotaExceeded, QuotaWarning, events_stream, quota_events_subject
+from contracts.quota_events import (
+    QuotaExceeded,
+    QuotaForecast,
+    QuotaWarning,
+    events_stream,
+    quota_events_subject,
+)
 from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from contracts.usage import UsageRecorded, usage_stream, usage_subject
@@ -132,8 +138,9 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         _param(quota_events_subject, "subject", prefix),
         "quota-events",
         QuotaWarning,
-        "`tollgate.quota_warning.v1` once per threshold per window, and "
-        "`tollgate.quota_exceeded.v1`. " + _stored(events_stream(prefix)),
+        "`tollgate.quota_warning.v1` once per threshold per window, "
+        "`tollgate.quota_exceeded.v1`, and `tollgate.quota_forecast.v1` when the recent "
+        "rate would use the quota up within its window. " + _stored(events_stream(prefix)),
     )
     sends(
         grants_subject("SCOPE", "TARGET", prefix)
@@ -165,6 +172,7 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     doc: dict[str, Any] = json.loads(spec.to_specification().to_json())
     _add_message(doc, "workloads", WorkloadStopped)
     _add_message(doc, "quota-events", QuotaExceeded)
+    _add_message(doc, "quota-events", QuotaForecast)
     _add_message(doc, "grants", GrantRevoked)
     _add_spawn_reply(doc)
     _add_parameters(doc)

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from contracts._base import MAX_AMOUNT, Name, UtcDatetime
 from services.policy.config import PolicyConfig, QuotaRule, parse_duration
 from services.policy.grants import Grant, GrantRecord
+from services.policy.prices import COST, parse_money
 from services.policy.units import Amount, UnitError, parse_amount
 
 MAX_EXPIRY = timedelta(days=400)
@@ -58,14 +59,17 @@ def _rules(config: PolicyConfig, name: str) -> QuotaRule:
     raise GrantRefused("quota", f"no quota is named {name!r}; the quota file has: {known}")
 
 
-def _amount(text: str, rule: QuotaRule) -> Amount:
+def _amount(text: str, rule: QuotaRule, config: PolicyConfig) -> Amount:
     if text.strip().startswith("-"):
         raise GrantRefused(
             "amount", f"{text!r} is negative; a grant adds allowance (revoke a grant to take "
             "it back)",
         )  # fmt: skip
     try:
-        amount = parse_amount(text, rule.metric)
+        if rule.metric == COST:  # a budget in money: the grant is in the prices' currency
+            amount = parse_money(text, config.pricebook.currency)
+        else:
+            amount = parse_amount(text, rule.metric)
     except UnitError as exc:
         raise GrantRefused("amount", f"{exc} (quota {rule.name} limits {rule.metric})") from None
     if amount.base <= 0:
@@ -143,7 +147,7 @@ def plan_grant(
                 "quota", f"{rule.name} does not apply to {target} (groups: "
                 f"{', '.join(groups) or 'none'}); grant a quota that applies to them",
             )  # fmt: skip
-    amount = _amount(body.amount, rule)
+    amount = _amount(body.amount, rule, config)
     return GrantRecord(
         seq=0,
         kind="grant",

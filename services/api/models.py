@@ -121,6 +121,14 @@ class QuotaPublic(LimitDetail):
     warn_at: list[DecimalText] = Field(
         default_factory=list, description="fractions of the limit at which a warning is given"
     )
+    projected_exhaustion_at: UtcDatetime | None = Field(
+        default=None,
+        description=(
+            "when the quota runs out at the recent rate (usage in the last min(window, 6 h) "
+            "of hour buckets, projected linearly); null when nothing is being used, the quota "
+            "is used up, or the instant lies beyond the window's end"
+        ),
+    )
 
 
 class QuotasPublic(Public):
@@ -177,6 +185,9 @@ class MetricTotal(Public):
     unit: str = Field(description="base unit of the total: B, byte·s, s, or '' for counts")
     total: DecimalText
     events: int
+    cost: DecimalText | None = Field(
+        default=None, exclude_if=_absent, description="in the report's currency (priced metrics)"
+    )
 
 
 class ResourcesPublic(Public):
@@ -252,6 +263,12 @@ class ReportRow(Public):
     workload: str | None = Field(default=None, exclude_if=_absent)
     host: str | None = Field(default=None, exclude_if=_absent)
     day: date | None = Field(default=None, exclude_if=_absent, description="UTC day")
+    cost: DecimalText | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="what the usage costs in the report's currency, each hour at the price in "
+        "force then, to 6 decimal places (half-even); absent for unpriced metrics",
+    )
 
 
 class UsageReportPublic(Public):
@@ -262,6 +279,12 @@ class UsageReportPublic(Public):
     subjects: int = Field(description="subjects with usage in the range")
     rows: list[ReportRow]
     totals: list[MetricTotal] = Field(description="every subject together, per metric")
+    currency: str | None = Field(
+        default=None, exclude_if=_absent, description="of every cost, when prices are configured"
+    )
+    total_cost: DecimalText | None = Field(
+        default=None, exclude_if=_absent, description="every subject and metric together"
+    )
     as_of_seq: int
     as_of: UtcDatetime | None
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 
@@ -87,11 +88,24 @@ class ReportTotal:
 
 
 @dataclass(frozen=True)
+class PricedHour:
+    """One report row's usage in one hour for one gpu_model: what its cost is made of."""
+
+    subject: str
+    metric: str
+    group: str | date | None
+    hour: datetime
+    gpu_model: str
+    total: Decimal
+
+
+@dataclass(frozen=True)
 class UsageReport:
     rows: list[ReportTotal]
     truncated: bool  # more than the rows asked for exist
     as_of_seq: int
     as_of: datetime | None
+    priced: list[PricedHour] = field(default_factory=list)
 
 
 async def usage_report(
@@ -101,8 +115,10 @@ async def usage_report(
     metric: str | None,
     group_by: ReportGroupBy,
     max_rows: int,
+    priced: Sequence[str] = (),
 ) -> UsageReport:
-    """Totals per subject, metric (and group) over hour buckets in [start, end)."""
+    """Totals per subject, metric (and group) over hour buckets in [start, end); with
+    `priced` metrics, their hour-by-hour usage too (costs are priced per hour bucket)."""
     group = _REPORT_GROUP_SQL[group_by]
     sql = f"""
         SELECT subject, metric, {group} AS grp, sum(total) AS total,
@@ -116,8 +132,22 @@ async def usage_report(
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read", readonly=True):
         seq, committed_at = await ledger_head(conn)
         rows = await conn.fetch(sql, start, end, metric, max_rows + 1)
+        hours = []
+        if priced and len(rows) <= max_rows:
+            hours = await conn.fetch(
+                f"""SELECT subject, metric, {group} AS grp, hour, gpu_model, sum(total) AS total
+                    FROM usage_hourly
+                    WHERE hour >= $1 AND hour < $2 AND ($3::text IS NULL OR metric = $3)
+                      AND metric = ANY($4::text[])
+                    GROUP BY subject, metric, grp, hour, gpu_model""",
+                start, end, metric, list(priced),
+            )  # fmt: skip
+    found = [
+        PricedHour(r["subject"], r["metric"], r["grp"], r["hour"], r["gpu_model"], r["total"])
+        for r in hours
+    ]
     totals = [
         ReportTotal(r["subject"], r["metric"], r["grp"], r["total"], int(r["events"]))
         for r in rows[:max_rows]
     ]
-    return UsageReport(totals, len(rows) > max_rows, seq, committed_at)
+    return UsageReport(totals, len(rows) > max_rows, seq, committed_at, found)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from datetime import UTC, datetime
 
@@ -42,10 +43,16 @@ def _event(row: asyncpg.Record) -> UsageRecorded:
         window_end=row["window_end"],
         reset=row["reset"],
         batch_hash=row["hash"],
+        labels=_labels(row["labels"]),
         received_at=row["received_at"],
         sampled_at=row["sampled_at"],
         clock_skew_seconds=row["clock_skew_seconds"],
     )
+
+
+def _labels(value: object) -> dict[str, str]:
+    loaded = json.loads(value) if isinstance(value, str) else value
+    return dict(loaded) if isinstance(loaded, dict) else {}
 
 
 class UsageFeed:
@@ -70,7 +77,7 @@ class UsageFeed:
             rows = await conn.fetch(
                 """SELECT e.seq, e.recorded_at, e.host, e.epoch, e.subject, e.workload,
                           e.metric, e.delta, e.window_start, e.window_end, e.reset, b.hash,
-                          e.received_at, e.sampled_at, e.clock_skew_seconds
+                          e.labels, e.received_at, e.sampled_at, e.clock_skew_seconds
                    FROM usage_events e JOIN ledger_batches b USING (batch_id)
                    WHERE e.seq > $1 ORDER BY e.seq LIMIT $2""",
                 position,

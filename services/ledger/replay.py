@@ -110,8 +110,9 @@ class RebuildResult:
 
 _REBUILT = """SELECT subject, metric, date_trunc('hour', window_end, 'UTC') AS hour,
                        workload, host, sum(delta)::numeric(38, 6) AS total,
-                       count(*)::integer AS events
-                FROM usage_events GROUP BY 1, 2, 3, 4, 5"""
+                       count(*)::integer AS events,
+                       coalesce(labels->>'gpu_model', '') AS gpu_model
+                FROM usage_events GROUP BY 1, 2, 3, 4, 5, 8"""
 
 
 async def rebuild_rollups(conn: asyncpg.Connection, apply: bool = True) -> RebuildResult:
@@ -135,13 +136,17 @@ async def rebuild_rollups(conn: asyncpg.Connection, apply: bool = True) -> Rebui
                            AS extra
                 FROM rebuilt r FULL JOIN usage_hourly h
                   ON r.subject = h.subject AND r.metric = h.metric AND r.hour = h.hour
-                 AND r.workload = h.workload AND r.host = h.host"""
+                 AND r.workload = h.workload AND r.host = h.host
+                 AND r.gpu_model = h.gpu_model"""
         )
         assert found is not None
         rows, missing, extra = found["rows"], found["missing"], found["extra"]
         if apply and (missing or extra):
             await conn.execute("DELETE FROM usage_hourly")
-            await conn.execute(f"INSERT INTO usage_hourly {_REBUILT}")
+            await conn.execute(
+                "INSERT INTO usage_hourly (subject, metric, hour, workload, host, total, events,"
+                f" gpu_model) {_REBUILT}"
+            )
     return RebuildResult(int(rows), int(missing), int(extra))
 
 

@@ -116,7 +116,7 @@ async def _save_states(
 
 
 async def _save_rollups(conn: asyncpg.Connection, usage: Sequence[UsageDelta]) -> None:
-    totals: dict[tuple[str, str, datetime, str, str], list[Decimal | int]] = defaultdict(
+    totals: dict[tuple[str, str, datetime, str, str, str], list[Decimal | int]] = defaultdict(
         lambda: [Decimal(0), 0]
     )
     hours: dict[datetime, datetime] = {}  # a batch's events share a handful of instants
@@ -126,7 +126,8 @@ async def _save_rollups(conn: asyncpg.Connection, usage: Sequence[UsageDelta]) -
         if hour is None:
             hour = hours[end] = end.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
         k = u.key
-        acc = totals[(k.subject, k.metric, hour, k.workload, k.host)]
+        gpu_model = u.labels.get("gpu_model", "") if u.labels else ""
+        acc = totals[(k.subject, k.metric, hour, k.workload, k.host, gpu_model)]
         acc[0] += u.delta
         acc[1] += 1
     if not totals:
@@ -134,10 +135,10 @@ async def _save_rollups(conn: asyncpg.Connection, usage: Sequence[UsageDelta]) -
     keys = list(totals)
     await conn.execute(
         """
-        INSERT INTO usage_hourly (subject, metric, hour, workload, host, total, events)
+        INSERT INTO usage_hourly (subject, metric, hour, workload, host, total, events, gpu_model)
         SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::text[],
-                             $5::text[], $6::numeric[], $7::integer[])
-        ON CONFLICT (subject, metric, hour, workload, host) DO UPDATE SET
+                             $5::text[], $6::numeric[], $7::integer[], $8::text[])
+        ON CONFLICT (subject, metric, hour, workload, host, gpu_model) DO UPDATE SET
             total = usage_hourly.total + EXCLUDED.total,
             events = usage_hourly.events + EXCLUDED.events
         """,
@@ -148,6 +149,7 @@ async def _save_rollups(conn: asyncpg.Connection, usage: Sequence[UsageDelta]) -
         [k[4] for k in keys],
         [totals[k][0] for k in keys],
         [totals[k][1] for k in keys],
+        [k[5] for k in keys],
     )
 
 

@@ -23,6 +23,7 @@ from pydantic import (
 
 from contracts._base import METRIC_RE
 
+from .prices import COST, Pricebook, PriceRule, parse_money
 from .units import Amount, UnitError, parse_amount
 
 _DURATION = re.compile(r"^\s*(\d+)\s*(s|m|min|h|d|w)\s*$")
@@ -181,8 +182,11 @@ class QuotaRule(_Strict):
     @field_validator("metric")
     @classmethod
     def _metric(cls, v: str) -> str:
-        if not METRIC_RE.match(v):
-            raise ValueError(f"{v!r} is not a metric name like 'mem.alloc.byte_seconds'")
+        if v != COST and not METRIC_RE.match(v):
+            raise ValueError(
+                f"{v!r} is not a metric name like 'mem.alloc.byte_seconds' (or cost, for a "
+                "budget in money over every priced metric)"
+            )
         return v
 
     @field_validator("warn_at")
@@ -195,11 +199,17 @@ class QuotaRule(_Strict):
 
     @model_validator(mode="after")
     def _parse_limit(self) -> QuotaRule:
+        if self.metric == COST:
+            return self  # in money: parsed once the file's currency is known (PolicyConfig)
         try:
             self._amount = parse_amount(self.limit, self.metric)
         except UnitError as exc:
             raise ValueError(f"limit: {exc}") from None
         return self
+
+    def price_limit(self, currency: str | None) -> None:
+        """Parse a cost quota's limit in the prices' currency."""
+        self._amount = parse_money(self.limit, currency)
 
     @model_validator(mode="after")
     def _coherent(self) -> QuotaRule:
@@ -212,6 +222,11 @@ class QuotaRule(_Strict):
             raise ValueError(
                 "per: group shares one pool among a group's members; "
                 "name the groups in applies_to: {groups: [...]}"
+            )
+        if self.metric == COST and self.per == "workload":
+            raise ValueError(
+                "a metric: cost quota is per: subject or per: group (a budget of people, "
+                "not of one workload)"
             )
         if self.mode == "soft" and self.grace:
             raise ValueError(
@@ -269,11 +284,36 @@ class PolicyConfig(_Strict):
         default=None, description="appended to denials, e.g. 'ask your admin to join power'"
     )
     version: str = "unversioned"
+    prices: list[PriceRule] = Field(
+        default_factory=list, description="what usage costs, for metric: cost quotas and reports"
+    )
+    _pricebook: Pricebook = PrivateAttr()
 
     @field_validator("max_staleness", mode="before")
     @classmethod
     def _staleness(cls, v: Any) -> Any:
         return parse_duration(v) if isinstance(v, str | int) else v
+
+    @field_validator("prices")
+    @classmethod
+    def _one_currency(cls, v: list[PriceRule]) -> list[PriceRule]:
+        Pricebook.of(v)  # raises, naming the currencies or the repeated prices
+        return v
+
+    @model_validator(mode="after")
+    def _priced(self) -> PolicyConfig:
+        self._pricebook = Pricebook.of(self.prices)
+        for q in self.quotas:
+            if q.metric == COST:
+                try:
+                    q.price_limit(self._pricebook.currency)
+                except UnitError as exc:
+                    raise ValueError(f"quota {q.name}: limit: {exc}") from None
+        return self
+
+    @property
+    def pricebook(self) -> Pricebook:
+        return self._pricebook
 
     @model_validator(mode="after")
     def _unique_names(self) -> PolicyConfig:

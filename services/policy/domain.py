@@ -17,7 +17,7 @@ from contracts.workloads import Resources
 
 from .config import PolicyConfig, QuotaRule, Window
 from .grants import Applied, Grant, GrantBook
-from .units import Amount, format_number
+from .units import Amount
 from .windows import (
     HOUR,
     calendar_bounds,
@@ -207,6 +207,7 @@ def status(
     buckets: Sequence[tuple[datetime, Decimal]],
     now: datetime,
     reserved: Decimal = Decimal(0),
+    projected: datetime | None = None,
 ) -> QuotaStatus:
     """How one quota stands, in the unit it was written in."""
     if used >= quota.limit:
@@ -231,6 +232,7 @@ def status(
         retry_at=retry_at(quota, used, buckets, now),
         enforce=sorted(quota.enforce),
         reserved=_exact(a.in_unit(reserved)),
+        projected_exhaustion_at=projected,
         mode="soft" if quota.mode == "soft" else "hard",
         grace=quota.grace,
         enforced_limit=_exact(a.in_unit(quota.enforced_limit)) if quota.hard else None,
@@ -279,6 +281,9 @@ class Standing:
     workload: str | None = None
     reserved: Decimal = Decimal(0)
     need: Decimal = Decimal(0)
+    projected: datetime | None = None  # when it runs out at the recent rate (forecast.py)
+    recent: Decimal = Decimal(0)  # usage in the forecast's lookback
+    recent_since: datetime | None = None  # the first lookback hour holding any of it
 
     @property
     def exceeded(self) -> bool:
@@ -291,7 +296,7 @@ class Standing:
         return self.quota.hard and self.used >= self.quota.enforced_limit
 
     def status(self, now: datetime) -> QuotaStatus:
-        return status(self.quota, self.used, self.buckets, now, self.reserved)
+        return status(self.quota, self.used, self.buckets, now, self.reserved, self.projected)
 
 
 def need_of(metric: str, resources: Resources, seconds: Decimal) -> Decimal:
@@ -327,8 +332,7 @@ def _sentence(s: Standing, now: datetime) -> tuple[str, datetime | None]:
     limit = q.limit_text()
     if s.breached:
         text = (
-            f"You have used {format_number(q.amount.in_unit(s.used))} of {limit} "
-            f"({q.name}) {q.window.describe()}"
+            f"You have used {q.amount.number(s.used)} of {limit} ({q.name}) {q.window.describe()}"
         )
         if q.grace:
             text += f", past its {q.grace:%} grace"
@@ -360,8 +364,7 @@ def _allowed_message(subject: str, gating: Sequence[Standing]) -> str:
     for s in closest[:2]:
         q = s.quota
         part = (
-            f"{format_number(q.amount.in_unit(s.used))} of {q.limit_text()} used ({q.name}) "
-            f"{q.window.describe()}"
+            f"{q.amount.number(s.used)} of {q.limit_text()} used ({q.name}) {q.window.describe()}"
         )
         note = limit_note(q, s.used)
         if note:

@@ -23,6 +23,7 @@ from .workloads import Workload
 
 EXCEEDED = "exceeded"
 BLOCK = "block"
+FORECAST = "forecast"
 
 
 def warn_kind(threshold: Decimal) -> str:
@@ -89,7 +90,16 @@ class Exceeded:
     retry_at: datetime | None
 
 
-Action = Terminate | Block | Unblock | Warn | Exceeded
+@dataclass(frozen=True)
+class Forecast:
+    """At the recent rate the quota runs out within its window (standing.projected)."""
+
+    subject: str
+    standing: Standing
+    projected: datetime
+
+
+Action = Terminate | Block | Unblock | Warn | Exceeded | Forecast
 
 
 @dataclass
@@ -175,12 +185,18 @@ def decide(
             continue  # the placeholder shown when no workload runs
         keys = {warn_kind(t): s.used >= q.limit * t for t in q.warn_at}
         keys[EXCEEDED] = s.exceeded
+        if q.per != "workload":
+            # Open while the projection lies inside the window: one event per episode.
+            keys[FORECAST] = s.projected is not None and not s.exceeded
         for kind, on in keys.items():
             key = MarkKey(subject, q.name, workload, kind)
             seen.add(key)
             opened, _ = _episode(plan, marks, key, s.period, on)
             if opened and kind == EXCEEDED:
                 plan.actions.append(Exceeded(subject, s, retry_at(q, s.used, s.buckets, now)))
+            elif opened and kind == FORECAST:
+                assert s.projected is not None
+                plan.actions.append(Forecast(subject, s, s.projected))
             elif opened and not s.exceeded:
                 plan.actions.append(Warn(subject, s, Decimal(kind.split(":", 1)[1])))
         if (

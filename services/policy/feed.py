@@ -36,8 +36,9 @@ log = logging.getLogger("tollgate.policy.feed")
 
 def event_of(msg: UsageRecorded) -> UsageEvent:
     return UsageEvent(
-        msg.seq, msg.subject, msg.workload, msg.host, msg.metric, msg.delta, msg.window_end
-    )
+        msg.seq, msg.subject, msg.workload, msg.host, msg.metric, msg.delta, msg.window_end,
+        msg.labels.get("gpu_model", ""),
+    )  # fmt: skip
 
 
 class UsageFollower:

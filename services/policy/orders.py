@@ -16,11 +16,18 @@ from contracts.commands import (
     terminate_subject,
     unblock_subject,
 )
-from contracts.quota_events import QuotaExceeded, QuotaWarning, quota_events_subject
+from contracts.quota_events import (
+    QuotaExceeded,
+    QuotaForecast,
+    QuotaWarning,
+    quota_events_subject,
+)
 
 from .domain import EffectiveQuota, Standing, when
-from .engine import Action, Block, Exceeded, Terminate, Unblock, Warn
+from .engine import Action, Block, Exceeded, Forecast, Terminate, Unblock, Warn
+from .forecast import rate_per_second
 from .grants import Grant
+from .prices import COST, to_money
 from .records import DecisionRecord, OutboxRow
 from .units import format_number
 
@@ -35,7 +42,7 @@ def _at(t: datetime) -> str:
 
 def _used(s: Standing) -> str:
     q = s.quota
-    text = f"{format_number(q.amount.in_unit(s.used))} of {q.limit_text()} ({q.name})"
+    text = f"{q.amount.number(s.used)} of {q.limit_text()} ({q.name})"
     if q.window.workload_hour:
         text = f"{text} in hour {s.period.removeprefix('h')} of the workload"
     else:
@@ -78,6 +85,57 @@ def quota_inputs(q: EffectiveQuota) -> dict[str, object]:
         "lapsed_grants": [_grant_inputs(g) for g in q.lapsed],
         "grant_seq": q.grant_seq,
     }
+
+
+def _wire(metric: str, base: Decimal) -> Decimal:
+    """Amounts on the wire are in the metric's base unit; a cost's is the currency."""
+    return to_money(base).normalize() if metric == COST else base
+
+
+def _rate(per_hour: Decimal) -> str:
+    """A rate people can read even when small: '1.2', '0.0031'."""
+    return format_number(per_hour) if per_hour >= 1 else f"{per_hour.normalize():.2g}"
+
+
+def _in_unit(s: Standing, base: Decimal) -> Decimal:
+    return s.quota.amount.in_unit(base).quantize(Decimal("0.000001")).normalize()
+
+
+def _forecast(
+    action: Forecast, decision: partial[DecisionRecord], prefix: str, now: datetime
+) -> tuple[DecisionRecord, OutboxRow]:
+    """A forecast is stored as a warning decision (reason forecast) and sent as its event."""
+    s, q = action.standing, action.standing.quota
+    recent = s.recent
+    per_hour = _in_unit(s, rate_per_second(q.window, recent, now, s.recent_since) * 3600)
+    event = QuotaForecast(
+        subject=action.subject,
+        quota=q.name,
+        metric=q.metric,
+        used=_in_unit(s, s.used),
+        limit=q.amount.in_unit(q.limit).normalize(),
+        unit=q.amount.unit,
+        rate_per_hour=per_hour,
+        projected_exhaustion_at=action.projected,
+        window=q.window.key(),
+        decided_at=now,
+    )
+    msg_id = f"forecast-{uuid.uuid4().hex}"
+    record = decision(
+        decision_id=msg_id,
+        kind="warning",
+        subject=action.subject,
+        reason="forecast",
+        quota=q.name,
+        inputs=_inputs(s, {"projected_exhaustion_at": action.projected, "recent": recent}),
+        message=(
+            f"At this rate ({_rate(per_hour)} {q.amount.unit} per hour) {action.subject} "
+            f"runs out of {q.name} on {when(action.projected)}: used {_used(s)}."
+        ),
+    )
+    return record, OutboxRow(
+        msg_id, msg_id, quota_events_subject(action.subject, prefix), event.to_json()
+    )
 
 
 def _inputs(s: Standing, extra: dict[str, object] | None = None) -> dict[str, object]:
@@ -123,8 +181,8 @@ def translate(
             reason=q.reason,
             quota=q.name,
             metric=q.metric,
-            used=s.used,
-            limit=q.limit,
+            used=_wire(q.metric, s.used),
+            limit=_wire(q.metric, q.limit),
             grace_seconds=q.grace_seconds,
             decided_at=now,
         )
@@ -218,8 +276,10 @@ def translate(
         return record, OutboxRow(
             msg_id, msg_id, unblock_subject(action.subject, prefix), unblock.to_json()
         )
+    if isinstance(action, Forecast):
+        return _forecast(action, decision, prefix, now)
     s, q = action.standing, action.standing.quota
-    unit_used = q.amount.in_unit(s.used).quantize(Decimal("0.000001")).normalize()
+    unit_used = _in_unit(s, s.used)
     unit_limit = q.amount.in_unit(q.limit).normalize()
     event: QuotaWarning | QuotaExceeded
     if isinstance(action, Warn):

@@ -16,8 +16,10 @@ from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 from . import grantstore, store
 from .config import PolicyConfig
 from .domain import EffectiveQuota, effective_quotas, status, window_start
+from .forecast import lookback_start, projected_exhaustion
 from .grants import GrantBook
-from .windows import reads_until
+from .prices import COST
+from .windows import floor_hour, reads_until
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,46 @@ async def _buckets(
     spec: store.TotalSpec,
 ) -> list[tuple[datetime, Decimal]]:
     """Hourly usage in the window (of one workload, for per-workload quotas): what
-    `retry_at` of a rolling window needs, and only when the quota is exceeded."""
+    `retry_at` of a rolling window and the forecast need."""
+    if workload is None:
+        return await store.hourly_totals(conn, subjects, quota.metric, spec.since, spec.until)
     rows = await store.hourly_usage(conn, subjects, quota.metric, spec.since, spec.until)
     buckets: dict[datetime, Decimal] = defaultdict(Decimal)
     for w, hour, total in rows:
         if workload is None or w == workload:
             buckets[hour] += total
     return sorted(buckets.items())
+
+
+async def _cost_hours(
+    conn: asyncpg.Connection,
+    config: PolicyConfig,
+    subjects: Sequence[str],
+    since: datetime | None,
+    until: datetime,
+) -> list[tuple[datetime, Decimal]]:
+    """A cost quota's hour buckets: every priced metric's usage, priced by the hour."""
+    book = config.pricebook
+    if not book.metrics:
+        return []
+    rows = await store.priced_hours(conn, subjects, sorted(book.metrics), since, until)
+    hours: dict[datetime, Decimal] = defaultdict(Decimal)
+    for _, metric, gpu_model, hour, total in rows:
+        hours[hour] += book.cost(metric, gpu_model, hour, total)
+    return sorted(hours.items())
+
+
+def _forecast(
+    q: EffectiveQuota, used: Decimal, hours: Sequence[tuple[datetime, Decimal]], now: datetime
+) -> datetime | None:
+    start = lookback_start(q.window, now)
+    if start is None or q.per == "workload":
+        return None
+    last = floor_hour(now)
+    lookback = [(t, a) for t, a in hours if start <= t <= last and a]
+    recent = sum((a for _, a in lookback), Decimal(0))
+    since = min((t for t, _ in lookback), default=None)
+    return projected_exhaustion(q.window, q.limit, used, recent, now, lambda: hours, since)
 
 
 async def subject_quotas(
@@ -73,7 +108,8 @@ async def subject_quotas(
     """Evaluate every quota that applies to `subject`: config groups plus `groups`, or when
     none are given, the groups integrators last reported for the subject (as the policy does).
 
-    Windows end where the policy's do (`reads_until`), so both give the same numbers.
+    Windows end where the policy's do (`reads_until`), so both give the same numbers. Each
+    status carries the forecast (forecast.py) from the same hour buckets as the policy's.
     """
     now = now or datetime.now(UTC)
     until = reads_until(now, max_skew)
@@ -95,14 +131,20 @@ async def subject_quotas(
             )
             for q in quotas
         ]
-        for q, spec, totals in zip(
-            quotas, specs, await store.usage_totals(conn, specs), strict=True
-        ):
-            # Per workload: the most-used workload is the one closest to its limit.
-            workload, used = max(totals.items(), key=lambda t: t[1], default=(None, Decimal(0)))
-            buckets: list[tuple[datetime, Decimal]] = []
-            if used >= q.limit and q.window.rolling is not None:  # retry_at needs the hours
-                buckets = await _buckets(conn, q, spec.subjects, workload if spec.per_workload
-                                         else None, spec)  # fmt: skip
-            statuses.append(status(q, used, buckets, now))
+        totals_of = await store.usage_totals(conn, [s for s in specs if s.metric != COST])
+        found = iter(totals_of)
+        for q, spec in zip(quotas, specs, strict=True):
+            hours: list[tuple[datetime, Decimal]] = []
+            if q.metric == COST:
+                hours = await _cost_hours(conn, config, spec.subjects, spec.since, spec.until)
+                workload, used = None, sum((a for _, a in hours), Decimal(0))
+            else:
+                # Per workload: the most-used workload is the one closest to its limit.
+                totals = next(found)
+                workload, used = max(totals.items(), key=lambda t: t[1], default=(None, Decimal(0)))
+                wants_forecast = q.per != "workload" and used < q.limit and used > 0
+                if (used >= q.limit and q.window.rolling is not None) or wants_forecast:
+                    hours = await _buckets(conn, q, spec.subjects, workload if spec.per_workload
+                                           else None, spec)  # fmt: skip
+            statuses.append(status(q, used, hours, now, projected=_forecast(q, used, hours, now)))
     return SubjectQuotas(subject, resolved, quotas, statuses, as_of_seq, as_of)

@@ -114,6 +114,7 @@ class PolicyService:
             horizon_start=floor_hour(now - hours * HOUR),
             minute_metrics=minute_metrics(config),
             running=sorted(live.book.running),
+            pricebook=config.pricebook,
             max_skew=live.max_skew,
         )
         async with self.pool.acquire() as conn:
@@ -127,7 +128,9 @@ class PolicyService:
         if usage is None:
             return False
         grown = horizon_hours(config) > self._loaded_horizon
-        return grown or not minute_metrics(config) <= usage.minute_metrics
+        # Costs are folded with the prices in force; new prices re-price from the rollups.
+        repriced = usage.pricebook != config.pricebook
+        return grown or repriced or not minute_metrics(config) <= usage.minute_metrics
 
     async def run(self, stop: asyncio.Event) -> None:
         """Load (retrying while Postgres is away), then run every task until `stop`."""

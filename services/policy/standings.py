@@ -12,6 +12,7 @@ from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 
 from .config import PolicyConfig
 from .domain import EffectiveQuota, Standing, effective_quotas, need_of
+from .forecast import lookback_start, projected_exhaustion
 from .grants import GrantBook
 from .reservations import ReservationBook
 from .usage import ZERO, Buckets, UsageState
@@ -95,6 +96,18 @@ def subject_standing(
     reserved = view.holds.reserved(who, quota.metric, view.now)
     need = ZERO if ask is None else need_of(quota.metric, ask.resources, ask.seconds)
     short = used >= quota.limit or used + reserved + need > quota.enforced_limit
+    # The forecast is of the effective limit (grants included), not of the grace past it:
+    # "you run out" is when the limit is reached; the page and the note say the grace.
+    projected, recent, since = None, ZERO, None
+    recent_start = lookback_start(quota.window, view.now)
+    if recent_start is not None:
+        found = [b.recent(recent_start, view.now) for b in series]
+        recent = sum((r for r, _ in found), ZERO)
+        since = min((f for _, f in found if f is not None), default=None)
+        projected = projected_exhaustion(
+            quota.window, quota.limit, used, recent, view.now,
+            lambda: _merged(series, start, view.until), since,
+        )  # fmt: skip
     return Standing(
         quota=quota,
         used=used,
@@ -102,6 +115,9 @@ def subject_standing(
         period=period_of(quota.window, view.now),
         reserved=reserved,
         need=need,
+        projected=projected,
+        recent=recent,
+        recent_since=since,
     )
 
 

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import asyncpg
 
+from .prices import Pricebook
 from .usage import UsageEvent, UsageState
 
 # Events that may fall into a workload_hour window are read back this far for minute detail.
@@ -37,6 +38,49 @@ async def hourly_usage(
         until,
     )
     return [(r["workload"], r["hour"], r["total"]) for r in rows]
+
+
+async def hourly_totals(
+    conn: asyncpg.Connection,
+    subjects: Sequence[str],
+    metric: str,
+    since: datetime | None,
+    until: datetime,
+) -> list[tuple[datetime, Decimal]]:
+    """(hour, total) of `metric` over the subjects in [since, until), in hour order."""
+    rows = await conn.fetch(
+        """SELECT hour, sum(total) AS total FROM usage_hourly
+           WHERE subject = ANY($1::text[]) AND metric = $2
+             AND ($3::timestamptz IS NULL OR hour >= $3) AND hour < $4
+           GROUP BY hour ORDER BY hour""",
+        list(subjects),
+        metric,
+        since,
+        until,
+    )
+    return [(r["hour"], r["total"]) for r in rows]
+
+
+async def priced_hours(
+    conn: asyncpg.Connection,
+    subjects: Sequence[str] | None,
+    metrics: Sequence[str],
+    since: datetime | None,
+    until: datetime | None = None,
+) -> list[tuple[str, str, str, datetime, Decimal]]:
+    """(subject, metric, gpu_model, hour, total) of priced metrics: what costs are made of."""
+    rows = await conn.fetch(
+        """SELECT subject, metric, gpu_model, hour, sum(total) AS total FROM usage_hourly
+           WHERE ($1::text[] IS NULL OR subject = ANY($1::text[])) AND metric = ANY($2::text[])
+             AND ($3::timestamptz IS NULL OR hour >= $3)
+             AND ($4::timestamptz IS NULL OR hour < $4)
+           GROUP BY subject, metric, gpu_model, hour""",
+        None if subjects is None else list(subjects),
+        list(metrics),
+        since,
+        until,
+    )
+    return [(r["subject"], r["metric"], r["gpu_model"], r["hour"], r["total"]) for r in rows]
 
 
 @dataclass(frozen=True)
@@ -112,14 +156,16 @@ async def head_seq(conn: asyncpg.Connection | asyncpg.Pool) -> int:
 
 def _event(r: asyncpg.Record) -> UsageEvent:
     return UsageEvent(
-        r["seq"], r["subject"], r["workload"], r["host"], r["metric"], r["delta"], r["window_end"]
-    )
+        r["seq"], r["subject"], r["workload"], r["host"], r["metric"], r["delta"], r["window_end"],
+        r["gpu_model"] or "",
+    )  # fmt: skip
 
 
 async def events_after(conn: asyncpg.Connection, after: int, limit: int) -> list[UsageEvent]:
     """Committed usage events with seq > `after`, in order: the ledger is the outbox too."""
     rows = await conn.fetch(
-        """SELECT seq, subject, workload, host, metric, delta, window_end FROM usage_events
+        """SELECT seq, subject, workload, host, metric, delta, window_end,
+                  labels->>'gpu_model' AS gpu_model FROM usage_events
            WHERE seq > $1 ORDER BY seq LIMIT $2""",
         after,
         limit,
@@ -135,6 +181,7 @@ class SnapshotSpec:
     horizon_start: datetime
     minute_metrics: frozenset[str]
     running: Sequence[str]
+    pricebook: Pricebook | None = None
     # The ledger places usage at most its clock-skew tolerance after the sample arrived,
     # which is before its batch committed: events of the window committed no earlier.
     max_skew: timedelta = timedelta(0)
@@ -142,7 +189,7 @@ class SnapshotSpec:
 
 async def load_snapshot(conn: asyncpg.Connection, spec: SnapshotSpec) -> UsageState:
     """The ledger's rollups as of one ledger sequence, read in one consistent snapshot."""
-    state = UsageState(minute_metrics=spec.minute_metrics)
+    state = UsageState(minute_metrics=spec.minute_metrics, pricebook=spec.pricebook)
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         state.last_seq = await head_seq(conn)
         rows = await conn.fetch(
@@ -157,6 +204,11 @@ async def load_snapshot(conn: asyncpg.Connection, spec: SnapshotSpec) -> UsageSt
             spec.horizon_start,
         )
         state.load_bases((r["subject"], r["metric"], r["total"]) for r in bases)
+        if spec.pricebook is not None and spec.pricebook.metrics:
+            state.load_costs(
+                await priced_hours(conn, None, sorted(spec.pricebook.metrics), None),
+                spec.horizon_start,
+            )
         # Per-workload detail for workloads that run or ran lately (their whole life).
         rows = await conn.fetch(
             """SELECT subject, workload, host, metric, hour, sum(total) AS total

@@ -53,7 +53,11 @@ class Amount:
 
     def show(self, base_value: Decimal) -> str:
         """Format a base-unit value in this amount's unit, e.g. '61.2 GiB·h'."""
-        return f"{format_number(base_value / self.factor)} {self.unit}"
+        return f"{self.number(base_value)} {self.unit}"
+
+    def number(self, base_value: Decimal) -> str:
+        """The number alone, as `show` writes it: '61.2'."""
+        return format_number(base_value / self.factor)
 
     def in_unit(self, base_value: Decimal) -> Decimal:
         return base_value / self.factor

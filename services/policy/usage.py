@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from enum import Enum
 
+from .prices import COST, Pricebook
 from .windows import HOUR, floor_hour, floor_minute
 
 ZERO = Decimal(0)
@@ -29,6 +30,7 @@ class UsageEvent:
     metric: str
     delta: Decimal
     at: datetime  # the sample's time (window_end): the ledger's rollups bucket by it
+    gpu_model: str = ""  # the sample's gpu_model label: prices may depend on it
 
 
 class Applied(Enum):
@@ -75,6 +77,18 @@ class Buckets:
         self._memo = ((start, until), used)
         return used
 
+    def recent(self, start: datetime, now: datetime) -> tuple[Decimal, datetime | None]:
+        """Usage in the hour buckets from `start` to the one holding `now`, and the first of
+        them holding any (a few lookups: the forecast's lookback, on every check)."""
+        total, first, hour, last = ZERO, None, start, floor_hour(now)
+        while hour <= last:
+            amount = self.slots.get(hour, ZERO)
+            if amount and first is None:
+                first = hour
+            total += amount
+            hour += HOUR
+        return total, first
+
     def between(
         self, start: datetime | None, until: datetime
     ) -> tuple[Decimal, list[tuple[datetime, Decimal]]]:
@@ -117,6 +131,7 @@ class UsageState:
 
     last_seq: int = 0
     minute_metrics: frozenset[str] = frozenset()
+    pricebook: Pricebook | None = None  # set: (subject, "cost") buckets hold the priced usage
     subjects: dict[tuple[str, str], Buckets] = field(default_factory=dict)
     workloads: dict[tuple[str, str], Buckets] = field(default_factory=dict)
     minutes: dict[tuple[str, str], Buckets] = field(default_factory=dict)
@@ -141,6 +156,10 @@ class UsageState:
         """Count one event's usage (no sequence check: snapshot loading and `apply`)."""
         hour = floor_hour(e.at)
         self.subjects.setdefault((e.subject, e.metric), Buckets()).add(hour, e.delta)
+        if self.pricebook is not None and e.metric in self.pricebook.metrics:
+            cost = self.pricebook.cost(e.metric, e.gpu_model, hour, e.delta)
+            if cost:
+                self.subjects.setdefault((e.subject, COST), Buckets()).add(hour, cost)
         self.workloads.setdefault((e.workload, e.metric), Buckets()).add(hour, e.delta)
         if e.metric in self.minute_metrics:
             self.minutes.setdefault((e.workload, e.metric), Buckets()).add(
@@ -176,6 +195,23 @@ class UsageState:
                 self.note(workload, subject, host, hour, until)
             else:
                 self.subjects.setdefault((subject, metric), Buckets()).add(hour, total)
+
+    def load_costs(
+        self, rows: Iterable[tuple[str, str, str, datetime, Decimal]], horizon_start: datetime
+    ) -> None:
+        """Priced rollup rows (subject, metric, gpu_model, hour, total) into cost buckets;
+        hours before the horizon into the cost base."""
+        if self.pricebook is None:
+            return
+        for subject, metric, gpu_model, hour, total in rows:
+            cost = self.pricebook.cost(metric, gpu_model, hour, total)
+            if not cost:
+                continue
+            b = self.subjects.setdefault((subject, COST), Buckets())
+            if hour >= horizon_start:
+                b.add(hour, cost)
+            else:
+                b.add_base(cost)
 
     def load_bases(self, rows: Iterable[tuple[str, str, Decimal]]) -> None:
         """Per (subject, metric), usage older than the horizon kept in hour buckets."""

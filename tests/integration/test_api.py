@@ -294,6 +294,7 @@ async def test_quotas_show_ok_warning_and_exceeded_with_retry_at(
         "retry_at": hour(NOW - 47 * H + H + timedelta(days=2)),
         "enforce": ["spawn"],
         "warn_at": ["0.8"],
+        "projected_exhaustion_at": None,  # already used up
         # SPEC additions: a hard limit without grace or grants enforces at the limit.
         "mode": "hard",
         "grace": "0",

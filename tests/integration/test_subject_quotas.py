@@ -1,7 +1,8 @@
 """A subject's quota standings summed by Postgres equal the hour-by-hour sums they replaced.
 
 `subject_quotas` (the API's quota page, `tollgate quota`) asks for every quota's total in
-one query and reads hourly buckets only for an exceeded rolling quota's `retry_at`. The
+one query and reads hourly buckets only for an exceeded rolling quota's `retry_at` and for
+forecasts. The
 reference below is the hour-by-hour evaluation over every rollup row.
 """
 
@@ -16,6 +17,7 @@ import asyncpg
 
 from services.policy.config import parse_config
 from services.policy.domain import effective_quotas, status, window_start
+from services.policy.forecast import lookback_start, projected_exhaustion
 from services.policy.quotas import subject_quotas
 
 NOW = datetime(2026, 11, 20, 12, 30, tzinfo=UTC)
@@ -64,7 +66,16 @@ async def reference(conn: asyncpg.Connection, config_text: str, subject: str) ->
         most = max(per.values(), key=lambda b: sum(b.values(), Decimal(0))) if per else {}
         buckets = dict(most)
         used = sum(buckets.values(), Decimal(0))
-        out.append(status(q, used, sorted(buckets.items()), NOW))
+        projected, start = None, lookback_start(q.window, NOW)
+        if q.per != "workload" and start is not None:
+            lookback = [(t, a) for t, a in buckets.items() if start <= t <= NOW and a]
+            recent = sum((a for _, a in lookback), Decimal(0))
+            first = min((t for t, _ in lookback), default=None)
+            hours = sorted(buckets.items())
+            projected = projected_exhaustion(
+                q.window, q.limit, used, recent, NOW, hours.copy, first
+            )
+        out.append(status(q, used, sorted(buckets.items()), NOW, projected=projected))
     return out
 
 
@@ -86,11 +97,13 @@ async def test_standings_from_summed_totals_equal_the_hourly_evaluation(
             [(*k, v) for k, v in rows.items()],
         )
         config = parse_config(QUOTAS)
-        states = set()
+        states, projected = set(), set()
         for subject in ("ann", "ben", "cat", "dan", "nobody"):
             found = await subject_quotas(pool, config, subject, now=NOW)
             expected = await reference(conn, QUOTAS, subject)
             assert found.statuses == expected, subject
             states.update((s.state, s.retry_at is not None) for s in found.statuses)
+            projected.update(s.projected_exhaustion_at is not None for s in found.statuses)
     # The data reaches every branch: fine, warned and exceeded, with and without retry_at.
     assert {("ok", False), ("exceeded", True)} <= states
+    assert projected == {True, False}  # and forecasts, some inside their windows

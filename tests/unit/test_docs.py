@@ -114,6 +114,7 @@ def test_payloads_name_their_schema_and_version(asyncapi: dict[str, Any]) -> Non
         "tollgate.spawn_block.v1",
         "tollgate.quota_warning.v1",
         "tollgate.quota_exceeded.v1",
+        "tollgate.quota_forecast.v1",
     } <= names
 
 

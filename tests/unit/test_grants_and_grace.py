@@ -168,3 +168,30 @@ def test_a_grant_plan_is_refused_for_the_wrong_unit_or_a_quota_that_does_not_app
 
 def replace_body(body: GrantRequest, **kw: object) -> GrantRequest:
     return body.model_copy(update=kw)
+
+
+def test_a_grant_on_a_cost_quota_is_money_in_the_prices_currency_and_raises_the_budget() -> None:
+    config = parse_config("""
+prices: [{metric: gpu.alloc.seconds, price: 2.50 USD/GPU*h}]
+quotas:
+  - {name: budget, metric: cost, limit: 200 USD, window: {calendar: month},
+     enforce: [spawn, terminate]}
+""")
+    body = GrantRequest(quota="budget", amount="25.50 USD", expires_in="7d", reason="deadline")
+    planned = plan_grant(config, body, "subject", "alice", [], "admin", NOW)
+    book = GrantBook()
+    book.apply([replace(planned, seq=1, recorded_at=NOW - timedelta(hours=1))])
+    (budget,) = effective_quotas(config, "alice", [], book, NOW)
+    assert budget.amount.in_unit(budget.limit) == Decimal("225.50")
+    assert budget.limit_text().startswith("225.50 USD (200.00 USD + 25.50 USD grant g-")
+    st = status(budget, budget.limit - 1, [], NOW)
+    assert (st.limit, st.base_limit, st.granted, st.unit) == (
+        Decimal("225.5"),
+        Decimal(200),
+        Decimal("25.5"),
+        "USD",
+    )
+    for bad, why in (("25 EUR", "in EUR but the prices are in USD"),
+                     ("3 GPU*h", "not an amount of money")):  # fmt: skip
+        with pytest.raises(GrantRefused, match=f"amount: .*{why}"):
+            plan_grant(config, replace_body(body, amount=bad), "subject", "alice", [], "admin", NOW)

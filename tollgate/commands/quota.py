@@ -66,6 +66,7 @@ def render(subject: str, found: SubjectQuotas, where: str, blocks: list[asyncpg.
         table.add_column(column, justify="right")
     table.add_column("state")
     table.add_column("returns")
+    table.add_column("runs out at this rate")
     for q, st in zip(found.quotas, found.statuses, strict=True):
         unit = f" {st.unit}" if st.unit else ""
         table.add_row(
@@ -73,6 +74,7 @@ def render(subject: str, found: SubjectQuotas, where: str, blocks: list[asyncpg.
             f"{format_number(st.used)}{unit}", f"{format_number(st.limit)}{unit}",
             f"{format_number(st.remaining)}{unit}",
             f"[{STATE_STYLE[st.state]}]{st.state}[/]", _when(st.retry_at),
+            _when(st.projected_exhaustion_at),
         )  # fmt: skip
     as_of = _when(found.as_of) if found.as_of else "no usage yet"
     table.caption = (

@@ -72,6 +72,13 @@ def fetch(settings: Settings, params: dict[str, str], csv: bool) -> httpx.Respon
     return r
 
 
+def money(value: str | None) -> str:
+    """A cost as people read it: to the cent (the JSON keeps 6 places)."""
+    if value is None:
+        return ""
+    return f"{Decimal(value).quantize(Decimal('0.01')):,}"
+
+
 def render(body: dict[str, Any]) -> Table:
     """The JSON report as a table, amounts in units people read."""
     from services.api.humanize import human
@@ -85,11 +92,16 @@ def render(body: dict[str, Any]) -> Table:
     table.add_column("total", justify="right")
     table.add_column("exact", justify="right", style="dim")
     table.add_column("events", justify="right")
+    currency = body.get("currency")
+    if currency:
+        table.add_column(f"cost ({currency})", justify="right")
     for row in body["rows"]:
         total = Decimal(row["total"])
         cells = [row["subject"]] + ([str(row[group])] if group != "subject" else [])
         cells += [row["metric"], human(row["metric"], total), f"{row['total']} {row['unit']}",
                   f"{row['events']:,}"]  # fmt: skip
+        if currency:
+            cells.append(money(row.get("cost")))
         table.add_row(*cells)
     totals = ", ".join(
         f"{t['metric']} {human(t['metric'], Decimal(t['total']))}" for t in body["totals"]
@@ -97,6 +109,8 @@ def render(body: dict[str, Any]) -> Table:
     table.caption = f"{body['subjects']} subjects · ledger seq {body['as_of_seq']}" + (
         f" · all together: {totals}" if totals else ""
     )
+    if currency:
+        table.caption += f" · cost {money(body.get('total_cost'))} {currency}"
     table.caption_justify = "left"
     return table
 

@@ -9,6 +9,7 @@ import typer
 from prometheus_client import start_http_server
 
 from services.api.errors import ApiStartupError
+from services.policy.config import ConfigError
 from tollgate import bootstrap, logs
 from tollgate.bus import CredentialsError, seed_public_key
 from tollgate.settings import Settings
@@ -41,6 +42,9 @@ def _run_one(name: str, config: Path | None = None) -> None:
     except ApiStartupError as exc:
         typer.echo(f"The API could not start: {exc}", err=True)
         raise typer.Exit(1) from None
+    except ConfigError as exc:  # a quota file that does not validate: say where, not a trace
+        typer.echo(f"tollgate {name}: {exc}", err=True)
+        raise typer.Exit(2) from None
 
 
 def register(app: typer.Typer) -> None:

@@ -48,6 +48,7 @@ async def get_quotas(
                 retry_at=st.retry_at,
                 enforce=st.enforce,
                 warn_at=list(q.warn_at),
+                projected_exhaustion_at=st.projected_exhaustion_at,
                 **limit_detail(st),
             )
             for q, st in zip(found.quotas, found.statuses, strict=True)

@@ -12,15 +12,18 @@ from decimal import Decimal
 import asyncpg
 
 from services.policy.config import PolicyConfig
-from services.policy.windows import reads_until
+from services.policy.prices import to_money
+from services.policy.store import priced_hours
+from services.policy.windows import floor_hour, reads_until
 
-from ..humanize import display_unit, title_of
+from ..humanize import display_unit, human, title_of
 from ..models import GroupBy
 from ..records import recent_decisions, recent_workloads
 from ..store import usage_totals
 from ..subjects import quotas_of
 from ..tokens import Principal
 from .chart import Bucket, bar_chart
+from .runs import runs
 from .subject import ChartView, EventView, GrantLine, QuotaView, SubjectPage, WorkloadView
 
 DAY = timedelta(days=1)
@@ -44,6 +47,11 @@ class Span:
         return [last - (self.count - 1 - i) * self.step for i in range(self.count)]
 
 
+def money(cost_units: Decimal, currency: str) -> str:
+    """A cost to the cent (rounded half-even; the API keeps 6 places): '12.34 USD'."""
+    return f"{to_money(cost_units).quantize(Decimal('0.01')):,} {currency}"
+
+
 SPANS = {
     "24h": Span(HOUR, 24, "per hour"),
     "7d": Span(timedelta(hours=6), 28, "per 6 hours"),
@@ -54,7 +62,7 @@ SPANS = {
 
 def _charts(
     rows: list[tuple[str, datetime, Decimal]], starts: list[datetime], span: Span,
-    first: list[str],
+    first: list[str], costs: dict[str, str],
 ) -> list[ChartView]:  # fmt: skip
     series: dict[str, dict[datetime, Decimal]] = defaultdict(lambda: defaultdict(Decimal))
     origin = starts[0]
@@ -76,9 +84,46 @@ def _charts(
                 svg=bar_chart(metric, buckets, span.step, f"{title} over time"),
                 total=f"{display_unit(metric, total).show(total)} in total",
                 per=f"{display_unit(metric, peak).name or 'count'} {span.per}",
+                cost=costs.get(metric),
             )
         )
     return charts
+
+
+async def _workload_usage(
+    pool: asyncpg.Pool, subject: str, workloads: list[asyncpg.Record], now: datetime
+) -> dict[str, list[str]]:
+    """What each listed workload used over its life, in units people read."""
+    starts = [r["started_at"] for r in workloads if r["started_at"] is not None]
+    if not workloads:
+        return {}
+    since = floor_hour(min(starts)) if starts else now - 90 * DAY
+    usage = await usage_totals(pool, subject, since, now + HOUR, None, GroupBy.WORKLOAD, "UTC")
+    listed = {r["workload"] for r in workloads}
+    out: dict[str, list[str]] = defaultdict(list)
+    for t in usage.rows:
+        if t.group in listed and t.total > 0:
+            out[str(t.group)].append(f"{title_of(t.metric)} {human(t.metric, t.total)}")
+    return out
+
+
+async def _costs(
+    pool: asyncpg.Pool, config: PolicyConfig, subject: str, start: datetime, end: datetime
+) -> tuple[dict[str, str], str | None]:
+    """The cost of each priced metric shown, and of all of them, over the charts' range."""
+    book = config.pricebook
+    if book.currency is None:
+        return {}, None
+    async with pool.acquire() as conn:
+        hours = await priced_hours(conn, [subject], sorted(book.metrics), start, end)
+    by_metric: dict[str, Decimal] = defaultdict(Decimal)
+    for _, metric, gpu_model, hour, total in hours:
+        by_metric[metric] += book.cost(metric, gpu_model, hour, total)
+    total = sum(by_metric.values(), Decimal(0))
+    return (
+        {m: money(c, book.currency) for m, c in by_metric.items()},
+        money(total, book.currency),
+    )
 
 
 async def gather(
@@ -101,8 +146,11 @@ async def gather(
     )
     rows = [(t.metric, t.group, t.total) for t in usage.rows if isinstance(t.group, datetime)]
     quota_metrics = list(dict.fromkeys(q.metric for q in found.quotas))
-    decisions = await recent_decisions(pool, subject, now - EVENTS_SINCE)
+    # Enough decisions that 8 lines remain after repeats collapse into one line each.
+    decisions = runs(await recent_decisions(pool, subject, now - EVENTS_SINCE, limit=400), 8)
     workloads = await recent_workloads(pool, subject)
+    used_by = await _workload_usage(pool, subject, workloads, now)
+    costs, total_cost = await _costs(pool, config, subject, starts[0], starts[-1] + span.step)
     return SubjectPage(
         subject=subject,
         viewer=viewer,
@@ -122,6 +170,7 @@ async def gather(
                 retry_at=st.retry_at,
                 enforce=st.enforce,
                 warn_at=q.warn_at,
+                projected=st.projected_exhaustion_at,
                 mode=st.mode,
                 note=st.note,
                 enforced=st.enforced,
@@ -130,16 +179,19 @@ async def gather(
             )
             for q, st in zip(found.quotas, found.statuses, strict=True)
         ],
-        charts=_charts(rows, starts, span, quota_metrics),
+        charts=_charts(rows, starts, span, quota_metrics, costs),
+        cost=total_cost,
         events=[
             EventView(
-                kind=r["kind"],
-                decided_at=r["decided_at"],
-                message=r["message"],
-                decision_id=r["decision_id"],
-                workload=r["workload"],
-                allowed=r["allowed"],
-                fail_open=r["fail_open"],
+                kind=r.latest["kind"],
+                decided_at=r.latest["decided_at"],
+                message=r.latest["message"],
+                decision_id=r.latest["decision_id"],
+                workload=r.latest["workload"],
+                allowed=r.latest["allowed"],
+                fail_open=r.latest["fail_open"],
+                count=r.count,
+                first_at=r.first_at,
             )
             for r in decisions
         ],
@@ -151,6 +203,7 @@ async def gather(
                 stopped_at=r["stopped_at"],
                 exit_status=r["exit_status"],
                 stop_reason=r["stop_reason"],
+                usage=used_by.get(r["workload"], ()),
                 terminate_commands=r["terminate_commands"],
                 ignored_commands=r["ignored_commands"],
                 usage_after_command=r["usage_after_command"],

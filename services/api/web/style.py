@@ -81,6 +81,10 @@ svg.bar .tick { stroke: var(--card); stroke-width: 2; }
 .quota .grant { color: var(--ok); }
 .quota .returns { margin-top: 6px; font-size: 13px; color: var(--bad); font-weight: 600; }
 .quota.warning .returns { color: var(--warn); }
+.quota .forecast { margin-top: 6px; font-size: 13px; color: var(--warn); }
+.event .count { font-weight: 700; }
+.event .repeat, .workload .usage { color: var(--muted); font-size: 12px; }
+.total-cost { margin-left: auto; margin-right: 12px; font-weight: 600; }
 .section-head { display: flex; justify-content: space-between; align-items: center; }
 .tabs { display: flex; gap: 4px; background: var(--card); border: 1px solid var(--line);
         border-radius: 9px; padding: 3px; margin-bottom: 14px; }

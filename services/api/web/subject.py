@@ -41,11 +41,16 @@ class QuotaView:
     retry_at: datetime | None
     enforce: Sequence[str]
     warn_at: Sequence[Decimal]
+    projected: datetime | None = None  # when it runs out at the recent rate
     mode: str = "hard"
     note: str | None = None  # e.g. 'over by 0.3 GiB·h, within grace (...)'
     enforced: bool = False
     base_limit: Decimal | None = None
     grants: Sequence[GrantLine] = ()
+
+    @property
+    def money(self) -> bool:
+        return self.metric == "cost"
 
 
 @dataclass(frozen=True)
@@ -65,6 +70,7 @@ class ChartView:
     svg: str
     total: str
     per: str  # what one bar is, e.g. 'GiB·h per day'
+    cost: str | None = None  # what the usage shown costs, e.g. '12.34 USD'
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,8 @@ class EventView:
     workload: str | None
     allowed: bool | None
     fail_open: bool
+    count: int = 1  # the same decision this many times in a row (the newest shown)
+    first_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class WorkloadView:
     stopped_at: datetime | None
     exit_status: int | None
     stop_reason: str | None
+    usage: Sequence[str] = ()  # what it used, e.g. 'CPU used 3.2 core·h'
     terminate_commands: int = 0
     ignored_commands: int = 0
     usage_after_command: datetime | None = None
@@ -107,6 +116,7 @@ class SubjectPage:
     as_of: datetime | None = None
     policy_version: str = ""
     notes: list[str] = field(default_factory=list)
+    cost: str | None = None  # of all priced usage in the charts' range
 
 
 def _quota_card(q: QuotaView, now: datetime) -> str:
@@ -119,10 +129,11 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
         for w in q.warn_at
     )
     unit = f" {e(q.unit)}" if q.unit else ""
+    number = _cents if q.money else format_number
     if q.state == "exceeded":
-        foot = f"Over by {format_number(q.used - q.limit)}{unit}"
+        foot = f"Over by {number(q.used - q.limit)}{unit}"
     else:
-        foot = f"{format_number(q.remaining)}{unit} left"
+        foot = f"{number(q.remaining)}{unit} left"
     enforce = ", ".join(q.enforce) or "report only"
     enforced_on = f"enforced on {e(enforce)}"
     if q.mode == "soft":
@@ -135,6 +146,12 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
         )
     elif q.state == "exceeded":
         returns = '<div class="returns">Quota returns when the window starts over</div>'
+    if q.projected is not None:
+        returns += (
+            f'<div class="forecast" data-projected="{q.projected.isoformat()}">At this rate you '
+            f"run out on {q.projected:%d %b} at {q.projected:%H:%M} UTC "
+            f"(in {span(q.projected - now)})</div>"
+        )
     return (
         f'<article class="card quota {e(q.state)}" data-quota="{e(q.name)}" '
         f'data-state="{e(q.state)}">'
@@ -142,8 +159,8 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
         f'<span class="pill {e(q.state)}">{STATE_TEXT.get(q.state, e(q.state))}</span>'
         f"{_mode_pill(q)}</div>"
         f'<div class="what">{e(q.metric)} · {e(q.window_text)}</div>'
-        f'<div class="numbers"><span class="used">{format_number(q.used)}'
-        f"<small> of {format_number(q.limit)}{unit}</small></span>"
+        f'<div class="numbers"><span class="used">{number(q.used)}'
+        f"<small> of {number(q.limit)}{unit}</small></span>"
         f'<span class="pct">{pct:.0f}%</span></div>'
         '<svg class="bar" viewBox="0 0 100 8" preserveAspectRatio="none" role="img" '
         f'aria-label="{pct:.0f}% used"><rect class="track" width="100" height="8" rx="4"/>'
@@ -151,6 +168,11 @@ def _quota_card(q: QuotaView, now: datetime) -> str:
         f'<div class="foot">{foot} · {enforced_on}</div>{_limit_lines(q, unit, now)}{returns}'
         "</article>"
     )
+
+
+def _cents(value: Decimal) -> str:
+    """Money to the cent (rounded half-even): '12.34'."""
+    return f"{value.quantize(Decimal('0.01')):,}"
 
 
 def _limit_lines(q: QuotaView, unit: str, now: datetime) -> str:
@@ -162,14 +184,16 @@ def _limit_lines(q: QuotaView, unit: str, now: datetime) -> str:
         pool = " for the group pool" if g.scope == "group" else ""
         out += (
             f'<div class="grant" data-grant="{e(g.grant_id)}">Includes grant {e(g.grant_id)}'
-            f"{pool}: +{format_number(g.amount)}{unit} until {when(g.expires_at)} "
+            f"{pool}: +{_number(q, g.amount)}{unit} until {when(g.expires_at)} "
             f"(in {span(g.expires_at - now)})</div>"
         )
     if q.grants and q.base_limit is not None:
-        out += (
-            f'<div class="muted small">Configured limit {format_number(q.base_limit)}{unit}</div>'
-        )
+        out += f'<div class="muted small">Configured limit {_number(q, q.base_limit)}{unit}</div>'
     return out
+
+
+def _number(q: QuotaView, value: Decimal) -> str:
+    return _cents(value) if q.money else format_number(value)
 
 
 def _mode_pill(q: QuotaView) -> str:
@@ -181,9 +205,10 @@ def _mode_pill(q: QuotaView) -> str:
 
 
 def _chart_card(c: ChartView) -> str:
+    cost = f' · <span class="cost">{e(c.cost)}</span>' if c.cost else ""
     return (
         f'<article class="card chart-card" data-metric="{e(c.metric)}">'
-        f'<div class="title"><b>{e(c.title)}</b><span>{e(c.total)}</span></div>'
+        f'<div class="title"><b>{e(c.title)}</b><span>{e(c.total)}{cost}</span></div>'
         f'<div class="sub">{e(c.metric)} · {e(c.per)}</div>{c.svg}</article>'
     )
 
@@ -194,9 +219,15 @@ def _event(ev: EventView) -> str:
     else:
         what = KIND_TEXT.get(ev.kind, ev.kind)
     target = f" · {e(ev.workload)}" if ev.workload else ""
+    repeat = times = ""
+    if ev.count > 1:
+        times = f' <span class="count">&times;{ev.count}</span>'
+        since = f" (first at {when(ev.first_at)})" if ev.first_at else ""
+        repeat = f'<div class="repeat">last at {when(ev.decided_at)}{since}</div>'
     return (
-        f'<tr class="event" data-kind="{e(ev.kind)}"><td class="when">{when(ev.decided_at)}</td>'
-        f"<td><b>{e(what)}</b>{target}<div class=msg>{e(ev.message)}</div>"
+        f'<tr class="event" data-kind="{e(ev.kind)}" data-count="{ev.count}">'
+        f'<td class="when">{when(ev.decided_at)}</td>'
+        f"<td><b>{e(what)}</b>{times}{target}{repeat}<div class=msg>{e(ev.message)}</div>"
         f'<div class="id">tollgate explain {e(_short(ev.decision_id))}</div></td></tr>'
     )
 
@@ -220,8 +251,10 @@ def _workload(w: WorkloadView) -> str:
     else:
         code = "" if w.exit_status is None else f" ({w.exit_status})"
         state = f'<span class="pill">stopped{e(code)}</span>'
+    used = " · ".join(e(u) for u in w.usage) or "no usage yet"
     return (
-        f"<tr><td><b>{e(w.workload)}</b><div class=id>{e(w.host)}</div></td>"
+        f'<tr class="workload" data-workload="{e(w.workload)}"><td><b>{e(w.workload)}</b>'
+        f'<div class=id>{e(w.host)}</div><div class="usage small">{used}</div></td>'
         f'<td class="when">{when(w.started_at)}<br>{ended}</td><td>{state}</td></tr>'
     )
 
@@ -260,11 +293,17 @@ def render(p: SubjectPage) -> str:
         else '<p class="empty-state">No workloads announced to the policy yet.</p>'
     )
     notes = "".join(f'<p class="muted small">{e(n)}</p>' for n in p.notes)
+    cost = (
+        f'<span class="total-cost">Cost in the last {RANGE_TEXT[p.range_key]}: {e(p.cost)}</span>'
+        if p.cost
+        else ""
+    )
     body = (
         f'<main class="wrap"><section class="hero"><h1>{e(p.subject)}</h1>'
         f'<p class="muted">Groups: {e(groups)} · {e(as_of)}</p></section>'
         f"<section><h2>Quotas</h2>{quotas}</section>"
-        f'<section><div class="section-head"><h2>Usage over time</h2><nav class="tabs">{tabs}'
+        f'<section><div class="section-head"><h2>Usage over time</h2>{cost}'
+        f'<nav class="tabs">{tabs}'
         f"</nav></div>{charts}</section>"
         '<section class="cols"><div class="card"><h2>Recent denials and terminations</h2>'
         f'{events}</div><div class="card"><h2>Workloads</h2>{workloads}</div></section>'
