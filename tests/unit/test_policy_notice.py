@@ -1,4 +1,4 @@
-"""Notice before termination, pure: scheduling, firing and cancelling (services/policy/notice.py)."""
+"""Notice before termination, pure: scheduling, firing and cancelling (policy/notice.py)."""
 
 from __future__ import annotations
 

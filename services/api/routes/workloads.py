@@ -71,9 +71,8 @@ async def get_workload(
     if owner is None or owner not in owners:
         # Other users' workloads look exactly like workloads that do not exist.
         raise HTTPException(404, WORKLOAD_NOT_FOUND)
-    public = _public(workload, owner, facts)
-    public.scheduled_termination = await _scheduled(pool, workload, owner)
-    return public
+    scheduled = await _scheduled(pool, workload, owner)
+    return _public(workload, owner, facts).model_copy(update={"scheduled_termination": scheduled})
 
 
 # A notice neither cancelled nor carried out by a terminate command (services/policy/notice.py).
