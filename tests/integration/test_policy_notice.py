@@ -13,6 +13,7 @@ from services.policy.source import ConfigSource
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import total
 from tests.integration.test_policy_support import GIB_HOUR, Fleet, Inbox
+from tollgate.commands.explain import explain_text
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 MEM = "mem.alloc.byte_seconds"
@@ -72,3 +73,7 @@ async def test_a_notice_decided_before_a_restart_is_reloaded_and_fires_once_on_t
     assert rows[1]["decided_at"] >= datetime.fromisoformat(notice["terminate_at"])
     assert command["command_id"] == notice["command_id"]
     assert any(e["schema"] == "tollgate.termination_scheduled.v1" for e in inbox.events)
+    told = await explain_text(pool, notice["notice_id"])
+    assert "termination scheduled (notice given)" in told and "memory-week exceeded" in told
+    killed = await explain_text(pool, command["command_id"])
+    assert notice["notice_id"] in killed and "ran out" in killed
