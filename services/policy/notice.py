@@ -104,6 +104,8 @@ def why_cancelled(notice: Notice, s: Standing | None, running: bool) -> str:
     q = s.quota
     if not q.hard:
         return f"{q.name} is soft now"
+    if "terminate" not in q.enforce:
+        return f"{q.name} no longer terminates workloads"
     if q.grants and s.used >= q.base_limit * (1 + q.grace):
         return f"a grant raised {q.name}"
     if q.base_limit > notice.base_limit:

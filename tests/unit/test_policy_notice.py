@@ -84,6 +84,12 @@ def test_a_configuration_raising_the_limit_cancels_the_notice() -> None:
     assert c.why == "the limit of memory-30d was raised"
 
 
+def test_a_configuration_no_longer_terminating_cancels_the_notice() -> None:
+    spawn_only = replace(MEMORY, enforce=frozenset({"spawn"}))
+    (c,) = only(plan(Standing(spawn_only, Decimal(120)), T0, {CROSSING: pending()}), Cancel)
+    assert c.why == "memory-30d no longer terminates workloads"
+
+
 def test_a_workload_that_stopped_during_its_notice_is_let_go() -> None:
     (c,) = only(plan(OVER, T0, {CROSSING: pending()}, running=()), Cancel)
     assert c.why == "the workload stopped"
