@@ -29,6 +29,7 @@ from contracts.commands import (
 from contracts.dlq import DeadLetterReason, dlq_stream, dlq_wildcard
 from contracts.errors import ErrorReply
 from contracts.grants import GrantRecorded, GrantRevoked, grants_subject
+from contracts.notice import TerminationCancelled, TerminationScheduled, notice_subject
 from contracts.quota_events import (
     QuotaExceeded,
     QuotaForecast,
@@ -122,6 +123,17 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         + _stored(commands_stream(prefix)),
     )
     sends(
+        _param(notice_subject, "host", prefix),
+        "notice",
+        TerminationScheduled,
+        "Notice before termination (quota `termination.notice_seconds` > 0; SPEC addition): "
+        "`tollgate.termination_scheduled.v1` at the crossing (the workload stops at "
+        "`terminate_at` if still over), `tollgate.termination_cancelled.v1` when it will not "
+        "(a grant, a raised limit, usage falling). `tollgate run` prints `message` on the "
+        "workload's stderr. The same messages go to the quota events subject. "
+        + _stored(commands_stream(prefix)),
+    )
+    sends(
         _param(block_subject, "subject", prefix),
         "block",
         SpawnBlock,
@@ -173,6 +185,9 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     _add_message(doc, "workloads", WorkloadStopped)
     _add_message(doc, "quota-events", QuotaExceeded)
     _add_message(doc, "quota-events", QuotaForecast)
+    _add_message(doc, "notice", TerminationCancelled)
+    _add_message(doc, "quota-events", TerminationScheduled)
+    _add_message(doc, "quota-events", TerminationCancelled)
     _add_message(doc, "grants", GrantRevoked)
     _add_spawn_reply(doc)
     _add_parameters(doc)

@@ -28,6 +28,7 @@ from contracts._base import check_prefix, encode_token, subject_of
 from contracts.commands import commands_stream, commands_wildcard, terminate_subject
 from contracts.dlq import dlq_stream, dlq_wildcard
 from contracts.grants import grants_wildcard
+from contracts.notice import notice_subject
 from contracts.quota_events import events_stream, events_wildcard
 from contracts.samples import samples_stream, samples_subject
 from contracts.spawn import spawn_check_subject
@@ -279,6 +280,8 @@ def _host(host: str, prefix: str, own_inbox: str) -> Permissions:
         spawn_check_subject(prefix),
         # Its own commands only: the filter subject is part of the create request's subject.
         f"{API}.CONSUMER.CREATE.{commands}.*.{terminate_subject(host, prefix)}",
+        # ... and the notices before termination addressed to it (`tollgate run` shows them).
+        f"{API}.CONSUMER.CREATE.{commands}.*.{notice_subject(host, prefix)}",
         # Consumer names are random (several meters may run on one host), so fetch and ack
         # name any consumer of the commands stream; a host cannot list consumers or learn
         # another host's consumer name, and cannot create one that reads other commands.

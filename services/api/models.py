@@ -207,6 +207,18 @@ class TerminationPublic(Public):
     message: str
 
 
+class ScheduledTerminationPublic(Public):
+    """A notice before termination still pending: the workload stops then if still over."""
+
+    notice_id: str
+    decided_at: UtcDatetime
+    terminate_at: UtcDatetime
+    quota: str | None
+    message: str = Field(
+        description="the sentence `tollgate run` prints on the workload's stderr (show it as is)"
+    )
+
+
 class WorkloadPublic(Public):
     workload: str
     subject: str
@@ -223,6 +235,11 @@ class WorkloadPublic(Public):
     exit_status: int | None
     termination_reason: str | None
     termination: TerminationPublic | None
+    scheduled_termination: ScheduledTerminationPublic | None = Field(
+        default=None,
+        description="a termination announced by a notice (termination.notice_seconds) that "
+        "has neither happened nor been cancelled yet",
+    )
     terminate_commands: int = Field(
         default=0, description="terminate commands the policy sent it (re-sent while it runs)"
     )

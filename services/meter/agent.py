@@ -21,12 +21,13 @@ from pathlib import Path
 
 from contracts._base import utcnow
 from contracts.commands import TerminateWorkload
+from contracts.notice import Notice
 from contracts.samples import CounterBatch, samples_subject
 from contracts.workloads import WorkloadStopped, workloads_subject
 
 from .book import Observation
 from .cgroupnet import CgroupNet, CgroupTarget, Choice, v2_directory
-from .commands import CommandListener
+from .commands import CommandListener, NoticeListener
 from .domain import new_epoch
 from .gpu import GpuProvider, GpuSample
 from .netfilter import Accounting, Owner, Synced, host_owner, workload_owner
@@ -107,6 +108,9 @@ class MeterAgent:
             seen=self.state.seen_commands,
         )
         listening = asyncio.create_task(self.listener.run())
+        # Notices cannot reach the stderr of a workload the agent only watches: it logs them.
+        notices = NoticeListener(self.link, self.o.prefix, self.o.host, self._notice, utcnow())
+        hearing = asyncio.create_task(notices.run())
         try:
             due = time.monotonic()
             while not stop.is_set():
@@ -122,6 +126,7 @@ class MeterAgent:
                     w.cancel()
         finally:
             await self.listener.stop(listening)
+            await notices.stop(hearing)
             for task in self.stopping.values():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -214,6 +219,10 @@ class MeterAgent:
                 for chain in owner.chains:
                     chains.pop(chain.name, None)
         self.spool.discard(workload)
+
+    async def _notice(self, notice: Notice) -> None:
+        if notice.workload in self.probes:
+            log.warning("workload %s of %s: %s", notice.workload, notice.subject, notice.message)
 
     async def _command(self, command: TerminateWorkload) -> None:
         probe = self.probes.get(command.workload)

@@ -15,6 +15,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
+from typing import Any
 
 import nats.errors
 import nats.js
@@ -23,6 +24,12 @@ from pydantic import ValidationError
 
 from contracts._base import PayloadError, parse_json
 from contracts.commands import TerminateWorkload, commands_stream, terminate_subject
+from contracts.notice import (
+    Notice,
+    TerminationCancelled,
+    TerminationScheduled,
+    notice_subject,
+)
 
 from .publisher import MeterLink
 
@@ -34,6 +41,7 @@ REMEMBERED = 1000
 STOP_WAIT = 2.0
 
 Handler = Callable[[TerminateWorkload], Awaitable[None]]
+NoticeHandler = Callable[[Notice], Awaitable[None]]
 
 
 class CommandListener:
@@ -52,7 +60,8 @@ class CommandListener:
         self.link = link
         self.subject = terminate_subject(host, prefix)
         self.stream = commands_stream(prefix)
-        self.handle = handle
+        self.handle: Callable[[Any], Awaitable[None]] = handle
+        self.what = "termination command"
         self.next_seq = next_seq
         self.since = since
         self.seen: list[str] = list(seen or [])[-REMEMBERED:]
@@ -121,24 +130,62 @@ class CommandListener:
     async def _one(self, data: bytes, stream_seq: int) -> None:
         self.next_seq = stream_seq + 1
         try:
-            command = TerminateWorkload.model_validate(parse_json(data))
+            command = self._parse(data)
         except (PayloadError, ValidationError) as exc:
-            log.error(
-                "ignoring a message on %s that is not a termination command: %s", self.subject, exc
-            )
+            log.error("ignoring a message on %s that is not a %s: %s", self.subject, self.what, exc)
             return
-        if command.command_id in self.seen:
-            log.info("command %s was already carried out; ignoring the repeat", command.command_id)
+        key = self._key(command)
+        if key in self.seen:
+            log.info("%s %s was already carried out; ignoring the repeat", self.what, key)
             return
-        self.seen = [*self.seen[-REMEMBERED + 1 :], command.command_id]
+        self.seen = [*self.seen[-REMEMBERED + 1 :], key]
         await self.handle(command)
+
+    def _parse(self, data: bytes) -> Any:
+        return TerminateWorkload.model_validate(parse_json(data))
+
+    def _key(self, command: Any) -> str:
+        return str(command.command_id)
 
     def _outage(self, why: str) -> None:
         if self._said is None:
             log.warning(
-                "cannot read termination commands from %s (%s); retrying, and none "
+                "cannot read %ss from %s (%s); retrying, and none "
                 "published meanwhile will be missed",
+                self.what,
                 self.stream,
                 why,
             )
         self._said = why
+
+
+class NoticeListener(CommandListener):
+    """Calls `handle` once for each notice (scheduled or cancelled termination) to `host`.
+
+    A consumer of its own on `tollgate.v1.commands.notice.<host>`, so a host's NATS
+    permissions name each subject it may read (see `tollgate nats-config`).
+    """
+
+    def __init__(
+        self,
+        link: MeterLink,
+        prefix: str,
+        host: str,
+        handle: NoticeHandler,
+        since: datetime | None = None,
+    ) -> None:
+        super().__init__(link, prefix, host, handle, since=since)  # type: ignore[arg-type]
+        self.subject = notice_subject(host, prefix)
+        self.what = "termination notice"
+
+    def _parse(self, data: bytes) -> Notice:
+        raw = parse_json(data)
+        if (
+            isinstance(raw, dict)
+            and raw.get("schema") == TerminationCancelled.model_fields["schema_"].default
+        ):
+            return TerminationCancelled.model_validate(raw)
+        return TerminationScheduled.model_validate(raw)
+
+    def _key(self, command: Any) -> str:
+        return f"{type(command).__name__}:{command.notice_id}"

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -24,13 +25,14 @@ from typing import TYPE_CHECKING
 
 from contracts._base import utcnow
 from contracts.commands import LOG_QUOTA_EXCEEDED, TerminateWorkload
+from contracts.notice import Notice
 from contracts.samples import CounterBatch, samples_subject
 from contracts.workloads import WorkloadStarted, WorkloadStopped, workloads_subject
 
 from .book import CounterBook, Observation, SeriesId, component
 from .cgroupnet import v2_directory
 from .child import Child, CommandNotStarted, Output, SignalRelay, not_runnable, start_child
-from .commands import CommandListener
+from .commands import CommandListener, NoticeListener
 from .cpu import CgroupCollector, Collector, ProcessTreeCollector, open_collector
 from .domain import EXIT_NO_NETNS, LogQuota, Reading, UsageAccount, exit_status, new_epoch
 from .gpu import GpuMeter, GpuProvider, open_gpus
@@ -95,6 +97,8 @@ class Metered:
         await self.link.deliver()  # now if NATS is there; otherwise before the next batch
         listener = CommandListener(self.link, o.prefix, o.host, self._command, since=commands_since)
         listening = asyncio.create_task(listener.run())
+        notices = NoticeListener(self.link, o.prefix, o.host, self._notice, since=commands_since)
+        hearing = asyncio.create_task(notices.run())
         try:
             if self.network is None and o.cgroup_net and isinstance(collector, CgroupCollector):
                 await self._meter_cgroup(collector)
@@ -113,6 +117,7 @@ class Metered:
             return await self._run_child(cmd, collector)
         finally:
             await listener.stop(listening)
+            await notices.stop(hearing)
             if self.stopping is not None and not self.stopping.done():
                 self.stopping.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -189,6 +194,12 @@ class Metered:
             return
         detail = f"quota {command.quota}: {command.metric} used {command.used} of {command.limit}"
         self._stop(Stopped(signal.SIGTERM, command.reason, detail), command.grace_seconds)
+
+    async def _notice(self, notice: Notice) -> None:
+        """Tell the workload, on its stderr, that it will be stopped (or no longer will)."""
+        if notice.workload != self.options.workload or self.stopped is not None:
+            return
+        print(f"Tollgate: {notice.message}", file=sys.stderr, flush=True)
 
     def _check_log_quota(self) -> None:
         total = self._log_bytes()

@@ -141,6 +141,9 @@ class AppliesTo(_Strict):
 class Termination(_Strict):
     reason: str | None = None
     grace_seconds: Decimal = Field(default=Decimal(30), ge=0, le=86400)
+    # Notice before termination: 0 kills at the crossing (the default), more tells the
+    # workload first and terminates only if it is still over when the notice runs out.
+    notice_seconds: Decimal = Field(default=Decimal(0), ge=0, le=7 * 86400)
 
     @field_validator("reason")
     @classmethod

@@ -69,6 +69,7 @@ class EffectiveQuota:
     rules: tuple[QuotaRule, ...]
     reason: str = COMPUTE_QUOTA_EXCEEDED
     grace_seconds: Decimal = Decimal(30)
+    notice_seconds: Decimal = Decimal(0)
     mode: str = "hard"
     grace: Decimal = Decimal(0)
     granted: Decimal = Decimal(0)  # included in `limit`
@@ -155,6 +156,7 @@ def effective_quotas(
                 rules=tuple(rules),
                 reason=chosen.termination.reason or default_reason(chosen.metric),
                 grace_seconds=chosen.termination.grace_seconds,
+                notice_seconds=chosen.termination.notice_seconds,
                 mode=chosen.mode,
                 grace=chosen.grace,
             )

@@ -26,6 +26,8 @@ from .domain import effective_quotas
 from .engine import Terminate, decide
 from .journal import UNAVAILABLE
 from .live import LiveState
+from .notice import Cancel, Schedule
+from .noticeorders import pending, translate_notice
 from .orders import translate
 from .records import DecisionRecord, OutboxRow
 from .reissue import Attempt, backoff
@@ -103,6 +105,8 @@ class Enforcer:
             live.dirty |= self._sweep_targets(view)
             live.holds.expire(view.now)
             live.book.forget_stopped_before(view.now - timedelta(days=1))
+        # Notices that ran out (also those reloaded after a restart) are decided now.
+        live.dirty |= {n.subject for n in live.notices.values() if n.terminate_at <= view.now}
         due = {s for s, at in self._due.items() if at <= view.now}
         for s in due:
             del self._due[s]
@@ -125,6 +129,9 @@ class Enforcer:
         # through them may be ours, so this comes after the expansion).
         subjects = {s for s in subjects if self.owns(s)}
         rows: list[tuple[DecisionRecord, OutboxRow]] = []
+        noticed: list[tuple[DecisionRecord, list[OutboxRow]]] = []
+        scheduled: list[Schedule] = []
+        cancelled: list[Cancel] = []
         opened, closed, terminations = [], [], []
         resumed, live.resumed = live.resumed, []
         for subject in sorted(subjects):
@@ -136,6 +143,7 @@ class Enforcer:
                 attempts=live.attempts, reissue=config.reissue,
                 usage_until={w.workload: t for w in running
                              if (t := view.usage.sampled_until(w.workload)) is not None},
+                notices=live.notices,
             )  # fmt: skip
             self._follow_up(subject, plan.due, plan.ignoring)
             if not plan:
@@ -143,6 +151,13 @@ class Enforcer:
             opened += plan.opened
             closed += plan.closed
             for action in plan.actions:
+                if isinstance(action, Schedule | Cancel):
+                    noticed.append(translate_notice(
+                        action, prefix=self.prefix, now=view.now, version=config.version,
+                        as_of=view.usage.last_seq, groups=groups,
+                    ))  # fmt: skip
+                    (scheduled if isinstance(action, Schedule) else cancelled).append(action)
+                    continue
                 rows.append(
                     translate(
                         action,
@@ -155,26 +170,33 @@ class Enforcer:
                 )
                 if isinstance(action, Terminate):
                     terminations.append(action)
-        if not (rows or opened or closed or resumed):
+        if not (rows or noticed or opened or closed or resumed):
             return 0
+        decisions = [r for r, _ in rows] + [r for r, _ in noticed]
+        outbox = [o for _, o in rows] + [o for _, os in noticed for o in os]
         try:
             async with self.pool.acquire() as conn:
                 new = await records.save_plan(
-                    conn, [r for r, _ in rows], [o for _, o in rows], opened, closed, view.now,
-                    terminations, resumed,
+                    conn, decisions, outbox, opened, closed, view.now, terminations, resumed,
                 )  # fmt: skip
         except BaseException:
             live.resumed = resumed + live.resumed  # recorded with the next plan
             raise
         live.sent.update(t.command_id for t in terminations)
         for t in terminations:
+            live.notices.pop(t.crossing, None)
+        for c in cancelled:
+            live.notices.pop(c.notice.crossing, None)
+        for sch in scheduled:
+            live.notices[sch.crossing] = pending(sch, view.now)
+        for t in terminations:
             self._attempted(t, view.now, t.command_id in new)
         for key in closed:
             live.marks.get(key.subject, {}).pop(key, None)
         for mark in opened:
             live.marks.setdefault(mark.key.subject, {})[mark.key] = mark
-        for record, _ in rows:
-            if record.decision_id in new:
+        for record in decisions:
+            if record.decision_id in new or record.decision_id + "-event" in new:
                 log.info("%s", record.message)
         return len(new)
 

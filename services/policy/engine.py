@@ -17,6 +17,7 @@ from decimal import Decimal
 
 from .config import Reissue
 from .domain import Standing, retry_at, unblock_at
+from .notice import Cancel, Notice, Schedule, notice_id, terminate_at, why_cancelled
 from .reissue import Attempt, attempt_id
 from .reissue import due as next_due
 from .workloads import Workload
@@ -55,6 +56,7 @@ class Terminate:
     attempt: int = 1
     previous: Attempt | None = None  # the command this one repeats (attempt > 1)
     usage_until: datetime | None = None  # the latest usage sampled, the proof it still runs
+    notice: Notice | None = None  # the notice that ran out before this command
 
     @property
     def crossing(self) -> str:
@@ -99,7 +101,7 @@ class Forecast:
     projected: datetime
 
 
-Action = Terminate | Block | Unblock | Warn | Exceeded | Forecast
+Action = Terminate | Block | Unblock | Warn | Exceeded | Forecast | Schedule | Cancel
 
 
 @dataclass
@@ -158,6 +160,21 @@ def _why_unblocked(s: Standing) -> str:
     return "back under the limit"
 
 
+def _give_notice(
+    plan: Plan, pending: Notice | None, cid: str, w: Workload, s: Standing, now: datetime
+) -> None:
+    """Schedule a notice at the crossing, wait while it runs, terminate when it ran out."""
+    if pending is None:
+        at = terminate_at(s, now)
+        plan.actions.append(Schedule(notice_id(cid, now), cid, w, s, at))
+    elif now >= pending.terminate_at:
+        plan.actions.append(Terminate(cid, w, s, notice=pending))
+        return
+    else:
+        at = pending.terminate_at
+    plan.due = at if plan.due is None else min(plan.due, at)
+
+
 def decide(
     subject: str,
     standings: Sequence[Standing],
@@ -169,16 +186,19 @@ def decide(
     attempts: Mapping[str, Attempt] | None = None,
     usage_until: Mapping[str, datetime] | None = None,
     reissue: Reissue | None = None,
+    notices: Mapping[str, Notice] | None = None,
 ) -> Plan:
     """The actions a subject's standings call for, given marks already open and ids sent.
 
     With `reissue`, a workload that keeps sending usage after its terminate command
     (`attempts`: the latest command per crossing; `usage_until`: each workload's latest
-    usage sample) is terminated again on the backoff of `reissue.py`.
+    usage sample) is terminated again on the backoff of `reissue.py`. A quota with a notice
+    schedules, fires or cancels `notices` (pending, by crossing) by the rules of `notice.py`.
     """
     sent = sent if isinstance(sent, set) else set(sent)
     plan = Plan()
     seen: set[MarkKey] = set()
+    noticed: set[str] = set()  # crossings whose notice still stands
     for s in standings:
         q, workload = s.quota, s.workload or ""
         if q.per == "workload" and s.workload is None:
@@ -221,6 +241,10 @@ def decide(
             for w in targets:
                 cid = command_id(q.name, subject, s.period, w.workload)
                 last = (attempts or {}).get(cid)
+                if last is None and cid not in sent and q.notice_seconds > 0:
+                    _give_notice(plan, (notices or {}).get(cid), cid, w, s, now)
+                    noticed.add(cid)
+                    continue
                 if last is None or reissue is None or not reissue.enabled:
                     if cid not in sent:
                         plan.actions.append(Terminate(cid, w, s))
@@ -235,6 +259,13 @@ def decide(
                     continue
                 n = last.number + 1
                 plan.actions.append(Terminate(attempt_id(cid, n), w, s, n, last, until))
+    for crossing, notice in sorted((notices or {}).items()):
+        if notice.subject == subject and crossing not in noticed and crossing not in sent:
+            # No longer over (or no longer running): the notice ends without a kill.
+            s_now = next((s for s in standings if s.quota.name == notice.quota
+                          and s.workload in (None, notice.workload)), None)  # fmt: skip
+            up = any(w.workload == notice.workload for w in running)
+            plan.actions.append(Cancel(notice, why_cancelled(notice, s_now, up), s_now))
     for key in sorted(set(marks) - seen):
         # The quota no longer applies (config change, groups moved) or its workload ended.
         plan.closed.append(key)

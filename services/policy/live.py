@@ -19,6 +19,7 @@ from . import metrics
 from .config import PolicyConfig
 from .engine import Mark, MarkKey
 from .grants import GrantBook
+from .notice import Notice
 from .reissue import Attempt
 from .reservations import ReservationBook
 from .source import ConfigSource
@@ -91,6 +92,7 @@ class LiveState:
     head_seen: int = 0
     resumed: list[Workload] = field(default_factory=list)  # to record as running again
     attempts: dict[str, Attempt] = field(default_factory=dict)  # latest command per crossing
+    notices: dict[str, Notice] = field(default_factory=dict)  # pending, by crossing
 
     @property
     def ready(self) -> bool:

@@ -191,6 +191,13 @@ def translate(
             f"{q.reason}, SIGKILL after {format_number(q.grace_seconds)} s of grace."
         )
         repeat: dict[str, object] = {"attempt": action.attempt, "crossing": action.crossing}
+        if action.notice is not None:
+            n = action.notice
+            message += (
+                f" Its notice {n.notice_id} (decided {_at(n.decided_at)}) ran out at "
+                f"{_at(n.terminate_at)} and it was still over."
+            )
+            repeat |= {"notice_id": n.notice_id, "notice_terminate_at": n.terminate_at}
         if action.previous is not None:
             p = action.previous
             message = (

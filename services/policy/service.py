@@ -22,6 +22,7 @@ from .handlers import SpawnChecker
 from .journal import UNAVAILABLE, DecisionJournal
 from .lifecycle import WorkloadFollower
 from .live import Clock, LiveState, utc_now
+from .noticeorders import load_notices
 from .partitions import Ownership
 from .reservations import START_TIMEOUT
 from .source import ConfigSource
@@ -81,6 +82,7 @@ class PolicyService:
             live.marks = await records.load_marks(conn)
             live.sent = await records.load_sent(conn, now - SENT_MEMORY)
             live.attempts = await records.load_attempts(conn, now - SENT_MEMORY)
+            live.notices = await load_notices(conn, now - SENT_MEMORY)
             holds = await records.load_holds(conn, now)
         await self.workloads.catch_up()
         await self.grants.start()

@@ -37,13 +37,14 @@ from contracts.commands import (
     commands_stream,
     terminate_subject,
 )
+from contracts.notice import Notice, TerminationScheduled, notice_subject
 from contracts.samples import CounterBatch, CounterSample, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from contracts.usage import UsageRecorded, usage_stream, usage_wildcard
 from contracts.workloads import WorkloadStarted, workloads_stream, workloads_subject
 from services.api.gauges import scrape
 from services.meter.agent import AgentOptions, MeterAgent
-from services.meter.commands import CommandListener
+from services.meter.commands import CommandListener, NoticeListener
 from services.meter.publisher import Message, MeterLink
 from tests.conftest import fresh_database, unique, wait_until
 from tests.servers import TestServers
@@ -515,3 +516,45 @@ async def test_the_services_work_under_their_own_identities(
             assert task.done() and task.exception() is None
     violations = [r.getMessage() for r in caplog.records if "violation" in r.getMessage().lower()]
     assert violations == []
+
+
+def scheduled(workload: str, host: str) -> bytes:
+    at = utcnow()
+    return TerminationScheduled(
+        notice_id=unique("notice-"), command_id=unique("term-"), workload=workload,
+        subject="alice", host=host, quota="logs", metric="log.bytes", used=Decimal(2),
+        limit=Decimal(1), unit="B", terminate_at=at, reason="log_quota_exceeded",
+        message="logs exceeded; this job will be stopped at 10:42 UTC unless usage falls or a "
+        "grant arrives", decided_at=at,
+    ).to_json()  # fmt: skip
+
+
+async def test_a_host_reads_its_own_termination_notices_and_not_another_hosts(
+    secured: Secured,
+) -> None:
+    s = secured
+    got: list[str] = []
+    link = MeterLink(s.url, f"run {s.a}", s.seed(s.a))
+    link.start()
+
+    async def handle(notice: Notice) -> None:
+        got.append(notice.workload)
+
+    listener = NoticeListener(link, s.prefix, s.a, handle, since=utcnow())
+    task = asyncio.create_task(listener.run())
+    try:
+        await wait_until(lambda: _true(listener.ready.is_set()), 30, "the notice consumer")
+        async with peer(s, s.a) as a:
+            other = notice_subject(s.b, s.prefix)
+            with pytest.raises(nats.errors.TimeoutError):  # its consumer create is dropped
+                await a.nc.jetstream(timeout=1).pull_subscribe(
+                    other, stream=commands_stream(s.prefix), config=_ephemeral()
+                )
+        async with peer(s, "policy") as policy:
+            js = policy.nc.jetstream()
+            await js.publish(notice_subject(s.b, s.prefix), scheduled("wb", s.b))
+            await js.publish(notice_subject(s.a, s.prefix), scheduled("wa", s.a))
+        await wait_until(lambda: _true(got == ["wa"]), 30, "the host's own notice")
+    finally:
+        await listener.stop(task)
+        await link.close()

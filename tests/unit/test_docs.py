@@ -91,6 +91,7 @@ def test_every_subject_of_the_contract_has_a_channel(asyncapi: dict[str, Any]) -
     commands = {a for a in addresses if a.startswith(commands_wildcard().removesuffix(">"))}
     assert commands == {
         "tollgate.v1.commands.terminate.*",
+        "tollgate.v1.commands.notice.*",
         "tollgate.v1.commands.block.*",
         "tollgate.v1.commands.unblock.*",
     }

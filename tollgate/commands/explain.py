@@ -23,6 +23,8 @@ VERDICTS = {
     "unblock": "spawns unblocked",
     "warning": "quota warning",
     "exceeded": "quota exceeded",
+    "termination_scheduled": "termination scheduled (notice given)",
+    "termination_cancelled": "scheduled termination cancelled",
 }
 
 
@@ -141,6 +143,11 @@ def render(row: asyncpg.Record, attempts: list[asyncpg.Record] | None = None) ->
         _limit_detail(console, q)
     if inputs.get("retry_at"):
         console.print(f"  quota returns    {_when(inputs['retry_at'])}")
+    if inputs.get("notice_id"):
+        at = inputs.get("terminate_at") or inputs.get("notice_terminate_at")
+        console.print(f"  notice           {inputs['notice_id']}, termination at {_when(at)}")
+    if inputs.get("sentence"):
+        console.print(f"  told the workload  Tollgate: {inputs['sentence']}")
     if row["nats_subject"]:
         sent = _when(row["published_at"]) if row["published_at"] else "not yet published"
         console.print(f"  sent on {row['nats_subject']}: {sent}")

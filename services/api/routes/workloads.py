@@ -20,7 +20,13 @@ from fastapi import APIRouter, HTTPException, Path, Query
 from ..auth import READ_ANY_SUBJECT, CurrentUser
 from ..deps import PoolDep
 from ..humanize import disobeying, unit_of
-from ..models import MetricTotal, ResourcesPublic, TerminationPublic, WorkloadPublic
+from ..models import (
+    MetricTotal,
+    ResourcesPublic,
+    ScheduledTerminationPublic,
+    TerminationPublic,
+    WorkloadPublic,
+)
 from ..ranges import HOUR, check_name
 from ..records import WorkloadFacts, workload_facts
 
@@ -65,7 +71,38 @@ async def get_workload(
     if owner is None or owner not in owners:
         # Other users' workloads look exactly like workloads that do not exist.
         raise HTTPException(404, WORKLOAD_NOT_FOUND)
-    return _public(workload, owner, facts)
+    scheduled = await _scheduled(pool, workload, owner)
+    return _public(workload, owner, facts).model_copy(update={"scheduled_termination": scheduled})
+
+
+# A notice neither cancelled nor carried out by a terminate command (services/policy/notice.py).
+_PENDING_NOTICE = """
+    SELECT d.decision_id, d.decided_at, d.quota, d.inputs->>'terminate_at' AS terminate_at,
+           d.inputs->>'sentence' AS sentence
+    FROM policy_decisions d
+    WHERE d.kind = 'termination_scheduled' AND d.workload = $1 AND d.subject = $2
+      AND NOT EXISTS (SELECT 1 FROM policy_decisions c
+                      WHERE c.decision_id = 'cancel-' || d.decision_id)
+      AND NOT EXISTS (SELECT 1 FROM policy_decisions t
+                      WHERE t.kind = 'terminate' AND t.workload = $1
+                        AND t.inputs->>'notice_id' = d.decision_id)
+    ORDER BY d.decided_at DESC LIMIT 1"""
+
+
+async def _scheduled(
+    pool: asyncpg.Pool, workload: str, owner: str
+) -> ScheduledTerminationPublic | None:
+    async with pool.acquire() as conn:
+        r = await conn.fetchrow(_PENDING_NOTICE, workload, owner)
+    if r is None:
+        return None
+    return ScheduledTerminationPublic(
+        notice_id=r["decision_id"],
+        decided_at=r["decided_at"],
+        terminate_at=datetime.fromisoformat(r["terminate_at"]),
+        quota=r["quota"],
+        message=f"Tollgate: {r['sentence']}",
+    )
 
 
 def _public(workload: str, owner: str, facts: WorkloadFacts) -> WorkloadPublic:
