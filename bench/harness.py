@@ -15,8 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
-from tollgate.bus import connect, ensure_streams
-from tollgate.db import connect_and_migrate
+from infra.bus import connect, ensure_streams
+from infra.db import connect_and_migrate
 
 from . import baselines, enforcement, ledger_data, scenarios
 from .load import Fleet

@@ -36,10 +36,10 @@ import psutil  # type: ignore[import-untyped]
 from rich.console import Console
 from rich.table import Table
 
+from infra.bus import ensure_streams
 from services.meter import cgroups
 from services.meter.netrules import parse_save, remove_lines, restore_script
 from services.meter.spool import LocalWorkload, register
-from tollgate.bus import ensure_streams
 from tollgate.embedded import EmbeddedNats
 
 console = Console()

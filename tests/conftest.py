@@ -14,8 +14,8 @@ import nats
 import nats.errors
 import pytest
 
+from infra.db import connect_and_migrate
 from tests.servers import TestServers, test_servers
-from tollgate.db import connect_and_migrate
 
 
 @pytest.fixture(scope="session")

@@ -272,9 +272,9 @@ def asyncapi_yaml(prefix: str = DEFAULT_PREFIX) -> str:
 
 def openapi_json() -> str:
     """The API's OpenAPI document, from the app itself (no server, no connections)."""
+    from infra.settings import Settings
     from services.api.app import create_app
     from services.api.options import ApiOptions
-    from tollgate.settings import Settings
 
     app = create_app(Settings(token_secret="docs-only"), options=ApiOptions())
     return json.dumps(app.openapi(), indent=2, sort_keys=False) + "\n"

@@ -12,15 +12,15 @@ import asyncpg
 import nats.errors
 from nats.aio.client import Client
 
+from infra.bus import close_quietly, connect, ensure_streams
+from infra.db import close_pool, connect_and_migrate, create_pool, migrate
+from infra.settings import Settings
+from infra.tasks import cancel_and_wait, unless_stopped
 from services.ledger.app import LedgerService
 from services.ledger.feed import UsageFeed
 from services.policy.app import SpawnCheckResponder
 from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
-from tollgate.bus import close_quietly, connect, ensure_streams
-from tollgate.db import close_pool, connect_and_migrate, create_pool, migrate
-from tollgate.settings import Settings
-from tollgate.tasks import cancel_and_wait, unless_stopped
 
 log = logging.getLogger("tollgate")
 # After a stop, how long services may take to finish their batch before they are cut short

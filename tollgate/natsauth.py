@@ -5,7 +5,7 @@ files and keys). One account, one nkey user per identity, each allowed exactly w
 code does (worked out against nats-server 2.15 and nats-py 2.16):
 
 - every identity replies and fetches through its own inbox, `_INBOX.<its public key>`
-  (`tollgate.bus.connect` sets nats-py's `inbox_prefix` to it), and may subscribe there
+  (`infra.bus.connect` sets nats-py's `inbox_prefix` to it), and may subscribe there
   only: nobody reads another's JetStream acks, fetched messages or spawn decisions;
 - a host publishes its own samples and workload events, asks for spawn checks, and reads
   its own terminate commands through an ephemeral pull consumer whose create request names
@@ -186,7 +186,7 @@ def seed_stem(name: str) -> str:
 
 
 def inbox(public_key: str) -> str:
-    """The reply inbox of an identity (must match `tollgate.bus.inbox_prefix_for`)."""
+    """The reply inbox of an identity (must match `infra.bus.inbox_prefix_for`)."""
     return f"_INBOX.{public_key}"
 
 

@@ -12,12 +12,12 @@ from urllib.parse import urlsplit
 import asyncpg
 from fastapi import FastAPI
 
+from infra.bus import CredentialsError, close_quietly, connect, seed_public_key
+from infra.db import close_pool, connect_and_migrate
+from infra.settings import Settings
+from infra.tasks import cancel_and_wait
 from services.policy.config import ConfigError
 from services.policy.source import ConfigSource
-from tollgate.bus import CredentialsError, close_quietly, connect, seed_public_key
-from tollgate.db import close_pool, connect_and_migrate
-from tollgate.settings import Settings
-from tollgate.tasks import cancel_and_wait
 
 from . import errors
 from .deps import ApiDeps, AuthKeys

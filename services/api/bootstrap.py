@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 
-from tollgate.settings import Settings
+from infra.settings import Settings
 
 from .app import create_app
 from .errors import ApiStartupError

@@ -1,6 +1,6 @@
 """Settings only the API reads: JupyterHub sign-in, rate limits, the spawn-check timeout.
 
-Read from TOLLGATE_* variables like `tollgate.settings.Settings`; kept here so the API's
+Read from TOLLGATE_* variables like `infra.settings.Settings`; kept here so the API's
 knobs live with the API.
 """
 

@@ -15,14 +15,15 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 from contracts.errors import printable
 from contracts.partitions import partition_samples_filter
 from contracts.samples import samples_stream, samples_wildcard
-from tollgate.bus import durable_pull, fetch_ready
-from tollgate.deadletters import file_dead_letter
+from infra.bus import durable_pull, fetch_ready
+from infra.deadletters import file_dead_letter
 
 from . import metrics, store
-from .domain import DEFAULT_MAX_CLOCK_SKEW, Arrival, Reading, arrival, readings
+from .domain import Arrival, Reading, arrival, readings
 from .errors import DeadLetter
 from .handlers import parse_sample_message
 

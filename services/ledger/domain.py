@@ -26,9 +26,6 @@ from contracts.samples import CounterBatch
 
 GENESIS_HASH = "0" * 64
 _MICRO = Decimal("0.000001")
-# Long enough for hosts without NTP and for a meter's own batching; short enough that no
-# window a quota can have (an hour, a day) is moved by a clock (README: clock skew).
-DEFAULT_MAX_CLOCK_SKEW = timedelta(minutes=5)
 
 
 # The records below are NamedTuples, not frozen dataclasses: equally immutable, but built,

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from contracts._base import PayloadError, parse_json
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
-from tollgate.bus import connect
+from infra.bus import connect
 
 log = logging.getLogger("tollgate.meter")
 PUBLISH_TIMEOUT = 2.0

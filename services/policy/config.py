@@ -22,25 +22,12 @@ from pydantic import (
 )
 
 from contracts._base import METRIC_RE
+from contracts.durations import parse_duration
 
 from .prices import COST, Pricebook, PriceRule, parse_money
 from .units import Amount, UnitError, parse_amount
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(s|m|min|h|d|w)\s*$")
 _REASON = re.compile(r"^[a-z][a-z0-9_]{0,99}$")
-_SECONDS = {"s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(value: str | int | timedelta) -> timedelta:
-    """'30d', '12h', '90min', '60s' or a number of seconds."""
-    if isinstance(value, timedelta):
-        return value
-    if isinstance(value, int):
-        return timedelta(seconds=value)
-    m = _DURATION.match(str(value))
-    if not m:
-        raise ValueError(f"{value!r} is not a duration; write e.g. '30d', '12h', '90min' or '60s'")
-    return timedelta(seconds=int(m[1]) * _SECONDS[m[2]])
 
 
 _PERCENT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from contracts import PayloadError, parse_json
 from contracts.usage import UsageRecorded, usage_stream, usage_wildcard
-from tollgate.bus import durable_pull
+from infra.bus import durable_pull
 
 from . import store
 from .journal import UNAVAILABLE

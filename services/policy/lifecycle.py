@@ -28,8 +28,8 @@ from contracts.workloads import (
     workloads_stream,
     workloads_wildcard,
 )
-from tollgate.bus import durable_pull
-from tollgate.deadletters import file_dead_letter
+from infra.bus import durable_pull
+from infra.deadletters import file_dead_letter
 
 from . import roster
 from .journal import UNAVAILABLE

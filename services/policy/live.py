@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
+from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 
 from . import metrics
 from .config import PolicyConfig

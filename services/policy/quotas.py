@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import asyncpg
 
+from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 from contracts.spawn import QuotaStatus
-from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 
 from . import grantstore, store
 from .config import PolicyConfig

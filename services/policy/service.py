@@ -11,7 +11,7 @@ from datetime import timedelta
 import asyncpg
 from nats.aio.client import Client
 
-from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
+from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 
 from . import records, roster, store
 from .config import PolicyConfig

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 
+from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 from contracts.workloads import Resources
-from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 
 from .config import PolicyConfig
 from .domain import EffectiveQuota, Standing, effective_quotas, need_of

@@ -14,9 +14,9 @@ import asyncpg
 import pytest
 from nats.aio.client import Client
 
+from infra.bus import ensure_streams
 from services.ledger.app import LedgerService
 from services.ledger.feed import UsageFeed
-from tollgate.bus import ensure_streams
 
 # Small, so an oversize message stays under any NATS server's own max_payload (1 MB default).
 MAX_PAYLOAD = 64 * 1024

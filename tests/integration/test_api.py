@@ -15,6 +15,8 @@ import httpx
 import pytest
 from nats.aio.client import Client
 
+from infra.db import connect_and_migrate, create_pool
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.bootstrap import serve
 from services.api.deps import ApiDeps
@@ -25,8 +27,6 @@ from services.ledger.store import apply_readings
 from services.policy.config import parse_config
 from services.policy.source import ConfigSource
 from tests.conftest import fresh_database, unique
-from tollgate.db import connect_and_migrate, create_pool
-from tollgate.settings import Settings
 
 if TYPE_CHECKING:  # imported for annotations only: pytest would try to collect the class
     from tests.servers import TestServers

@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.bootstrap import listen
 from services.api.deps import ApiDeps
@@ -31,7 +32,6 @@ from services.policy.source import ConfigSource
 from tests.conftest import wait_until
 from tests.integration.test_api_support import ADMIN, QUOTAS, SECRET, seed_scene
 from tollgate.embedded import free_port
-from tollgate.settings import Settings
 
 GPU_QUOTA = """
   - name: gpu-30d

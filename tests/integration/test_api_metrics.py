@@ -10,6 +10,7 @@ from nats.aio.client import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.samples import samples_subject
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
@@ -19,7 +20,6 @@ from services.policy.source import ConfigSource
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import batch_json
 from tests.integration.test_api_support import ADMIN, QUOTAS, SECRET, seed_scene
-from tollgate.settings import Settings
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -99,7 +99,7 @@ async def test_metrics_report_requests_ledger_lag_backlog_decisions_and_dead_let
 async def test_metrics_still_answer_when_postgres_and_nats_are_gone(
     database_url: str, tmp_path: Path
 ) -> None:
-    from tollgate.db import create_pool
+    from infra.db import create_pool
 
     gone = await create_pool(database_url)
     await gone.close()

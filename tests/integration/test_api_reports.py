@@ -19,6 +19,7 @@ import pytest
 from nats.aio.client import Client
 from typer.testing import CliRunner
 
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.models import ReportGroupBy
@@ -39,7 +40,6 @@ from tests.integration.test_api_support import (
 )
 from tests.servers import TestServers
 from tollgate.cli import app as cli
-from tollgate.settings import Settings
 
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 

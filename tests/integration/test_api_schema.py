@@ -20,6 +20,8 @@ import nats
 import pytest
 import uvicorn
 
+from infra.db import connect_and_migrate
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.bootstrap import listen
 from services.api.deps import ApiDeps
@@ -30,8 +32,6 @@ from services.policy.source import ConfigSource
 from tests.conftest import unique
 from tests.integration.test_api_support import ADMIN, QUOTAS, SECRET, seed_scene
 from tests.servers import TestServers
-from tollgate.db import connect_and_migrate
-from tollgate.settings import Settings
 
 schemathesis = pytest.importorskip(
     "schemathesis", reason="the schemathesis package is missing: pip install schemathesis"

@@ -16,6 +16,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from contracts.spawn import SpawnRequest, spawn_check_subject
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
@@ -26,7 +27,6 @@ from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
 from tests.conftest import wait_until
 from tests.integration.test_api_support import ADMIN, QUOTAS, SECRET, seed_scene
-from tollgate.settings import Settings
 
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 GIB = 2**30

@@ -20,13 +20,13 @@ from pathlib import Path
 
 import asyncpg
 
+from infra.db import connect_and_migrate
+from infra.settings import Settings
 from services.api.bootstrap import serve
 from services.ledger.domain import Reading, SeriesKey
 from services.ledger.store import apply_readings
 from tests.conftest import fresh_database
 from tests.servers import TestServers
-from tollgate.db import connect_and_migrate
-from tollgate.settings import Settings
 
 SECRET = "api-test-secret"
 ADMIN = "api-test-admin-token"

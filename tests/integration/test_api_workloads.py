@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client
 
 from contracts._base import format_decimal
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
@@ -32,7 +33,6 @@ from tests.integration.test_api_support import (
     seeded_world,
 )
 from tests.servers import TestServers
-from tollgate.settings import Settings
 
 AS_ADMIN = {"Authorization": f"Bearer {ADMIN}"}
 

@@ -13,6 +13,7 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.samples import samples_subject
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.tokens import Role, issue_token
@@ -21,7 +22,6 @@ from services.policy.source import ConfigSource
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import batch_json
 from tests.integration.test_replay import seed
-from tollgate.settings import Settings
 
 SECRET = "audit-test-secret"
 ADMIN = "audit-admin"

@@ -25,16 +25,17 @@ import pytest
 from nats.aio.client import Client
 from prometheus_client import REGISTRY
 
+from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 from contracts.samples import samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest
 from contracts.usage import usage_subject
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
 from services.api.tokens import Principal, Role
 from services.api.web.data import gather
 from services.ledger.app import LedgerService
-from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
 from services.ledger.feed import UsageFeed
 from services.ledger.replay import rebuild_rollups
 from services.policy.source import ConfigSource
@@ -43,7 +44,6 @@ from tests.conftest import unique, wait_until
 from tests.integration.conftest import MAX_PAYLOAD, batch_json
 from tests.integration.test_api_support import ADMIN, SECRET
 from tests.integration.test_policy_support import GIB_HOUR, RunningPolicy, spawn
-from tollgate.settings import Settings
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 SKEW = DEFAULT_MAX_CLOCK_SKEW

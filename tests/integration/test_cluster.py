@@ -26,6 +26,7 @@ from contracts.partitions import partition_of, partition_of_name
 from contracts.samples import samples_stream, samples_subject
 from contracts.spawn import SpawnRequest
 from contracts.workloads import Resources
+from infra.bus import connect, ensure_streams, stored_partitions
 from services.policy.app import SpawnCheckResponder
 from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
@@ -34,7 +35,6 @@ from tests.conftest import unique, wait_until
 from tests.integration.conftest import batch_json
 from tests.integration.test_policy_support import Fleet, Inbox, spawn
 from tests.servers import TestServers
-from tollgate.bus import connect, ensure_streams, stored_partitions
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 PARTITIONS = 2
@@ -74,14 +74,14 @@ async def test_changing_the_partition_count_updates_the_stream_and_warns_it_need
     js = nc.jetstream()
     await ensure_streams(js, prefix, 120)
     assert stored_partitions((await js.stream_info(samples_stream(prefix))).config) == 1
-    with caplog.at_level(logging.WARNING, logger="tollgate.bus"):
+    with caplog.at_level(logging.WARNING, logger="infra.bus"):
         await ensure_streams(js, prefix, 120, partitions=3)
     assert stored_partitions((await js.stream_info(samples_stream(prefix))).config) == 3
     (warning,) = [r.getMessage() for r in caplog.records if "partitioned" in r.getMessage()]
     assert "1 way(s) and is being changed to 3" in warning
     assert "drained" in warning
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="tollgate.bus"):
+    with caplog.at_level(logging.WARNING, logger="infra.bus"):
         await ensure_streams(js, prefix, 120, partitions=3)  # unchanged: nothing to say
     assert not caplog.records
 

@@ -26,6 +26,7 @@ import httpx
 from nats.aio.client import Client
 
 from contracts.spawn import SpawnRequest
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
@@ -36,7 +37,6 @@ from services.policy.source import ConfigSource
 from tests.conftest import unique, wait_until
 from tests.integration.test_policy_support import Fleet, Inbox, iso, spawn
 from tests.servers import TestServers
-from tollgate.settings import Settings
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 ADMIN, SECRET = "costfc-admin", "costfc-secret"

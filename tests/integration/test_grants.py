@@ -17,6 +17,7 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.spawn import SpawnRequest
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
@@ -28,7 +29,6 @@ from tests.integration.test_api_support import ADMIN, SECRET, api_settings, live
 from tests.integration.test_policy_support import GIB_HOUR, Fleet, Inbox, spawn
 from tests.integration.test_replay import tollgate as replay
 from tollgate.commands.explain import explain_text
-from tollgate.settings import Settings
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 MEM = "mem.alloc.byte_seconds"

@@ -21,12 +21,12 @@ from contracts.dlq import DETAIL_HEADER, REASON_HEADER, STREAM_SEQ_HEADER, dlq_s
 from contracts.samples import samples_stream, samples_subject
 from contracts.usage import usage_subject
 from contracts.workloads import workloads_subject
+from infra.bus import ensure_streams
+from infra.settings import Settings
 from services.ledger.app import LedgerService
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import batch_json, total
 from tests.integration.test_policy_support import RunningPolicy
-from tollgate.bus import ensure_streams
-from tollgate.settings import Settings
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 

@@ -38,6 +38,7 @@ from traitlets.config import Config
 from contracts.samples import CounterBatch, samples_subject
 from contracts.spawn import SpawnRequest
 from contracts.workloads import workloads_subject
+from infra.settings import Settings
 from services.api.tokens import Role, issue_token
 from services.meter.domain import exact
 from tests.conftest import unique, wait_until
@@ -46,7 +47,6 @@ from tests.integration.test_api_support import ADMIN, SECRET, live_api
 from tests.integration.test_policy_support import GIB_HOUR, Fleet, spawn
 from tests.servers import TestServers
 from tollgate.jupyterhub import QuotaCheckFailed, QuotaDenied, TollgateHooks
-from tollgate.settings import Settings
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 MEM = "mem.alloc.byte_seconds"

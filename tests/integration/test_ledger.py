@@ -10,11 +10,11 @@ from nats.aio.client import Client
 
 from contracts.dlq import REASON_HEADER, STREAM_SEQ_HEADER, dlq_stream, dlq_wildcard
 from contracts.samples import samples_stream, samples_subject
+from infra.bus import ensure_streams
 from services.ledger import replay
 from services.ledger.app import LedgerService
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import MAX_PAYLOAD, batch_json, total
-from tollgate.bus import ensure_streams
 
 
 def counter(subject: str, metric: str, value: object, workload: str = "w1") -> dict[str, object]:

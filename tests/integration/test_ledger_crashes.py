@@ -21,12 +21,12 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.samples import samples_stream, samples_subject
+from infra.bus import connect, ensure_streams
+from infra.db import connect_and_migrate
 from services.ledger.app import FAILPOINT_EXIT_AFTER_COMMIT, LedgerService
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import batch_json
 from tests.servers import TestServers
-from tollgate.bus import connect, ensure_streams
-from tollgate.db import connect_and_migrate
 from tollgate.embedded import EmbeddedNats, EmbeddedPostgres, free_port
 
 METRICS = ("net.tx.wan.bytes", "cpu.used.seconds")

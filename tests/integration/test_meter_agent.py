@@ -28,6 +28,7 @@ from nats.aio.client import Client
 
 from contracts._base import parse_json
 from contracts.samples import CounterBatch, samples_stream, samples_subject
+from infra.bus import ensure_streams
 from services.ledger.app import LedgerService
 from services.meter.agent import AgentOptions, MeterAgent
 from services.meter.book import Observation
@@ -49,7 +50,6 @@ from tests.integration.test_netns_lab import (
     sh,
 )
 from tests.servers import TestServers
-from tollgate.bus import ensure_streams
 from tollgate.embedded import EmbeddedNats
 
 MTU = 1500  # the lab's veths

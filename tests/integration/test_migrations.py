@@ -7,7 +7,7 @@ import asyncio
 import asyncpg
 import pytest
 
-from tollgate.db import MigrationError, known_migrations, migrate, pending_migrations
+from infra.db import MigrationError, known_migrations, migrate, pending_migrations
 
 
 async def test_services_starting_together_apply_each_migration_exactly_once(

@@ -42,6 +42,9 @@ from contracts.samples import CounterBatch, CounterSample, samples_stream, sampl
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from contracts.usage import UsageRecorded, usage_stream, usage_wildcard
 from contracts.workloads import WorkloadStarted, workloads_stream, workloads_subject
+from infra.bus import connect, ensure_streams, inbox_prefix_for, seed_public_key
+from infra.db import connect_and_migrate
+from infra.settings import Settings
 from services.api.gauges import scrape
 from services.meter.agent import AgentOptions, MeterAgent
 from services.meter.commands import CommandListener, NoticeListener
@@ -49,12 +52,9 @@ from services.meter.publisher import Message, MeterLink
 from tests.conftest import fresh_database, unique, wait_until
 from tests.servers import TestServers
 from tollgate import bootstrap
-from tollgate.bus import connect, ensure_streams, inbox_prefix_for, seed_public_key
 from tollgate.commands.natsconfig import generate
-from tollgate.db import connect_and_migrate
 from tollgate.embedded import free_port, nats_server_binary
 from tollgate.natsauth import seed_stem
-from tollgate.settings import Settings
 
 
 @dataclass
@@ -367,7 +367,7 @@ async def test_the_host_agent_meters_and_obeys_as_its_own_identity(
 ) -> None:
     """`tollgate meter` on host A: workload events and samples go out, A's command comes in."""
     s = secured
-    caplog.set_level(logging.WARNING, logger="tollgate.bus")
+    caplog.set_level(logging.WARNING, logger="infra.bus")
     child = await asyncio.create_subprocess_exec("sleep", "600")
     state = tmp_path / "meter"
     (state / "workloads").mkdir(parents=True)
@@ -429,7 +429,7 @@ async def test_the_services_work_under_their_own_identities(
     """Meter -> ledger -> Postgres -> usage feed -> policy -> terminate -> meter, each part
     connected as its own identity, as `tollgate meter | ledger | policy | api` connect."""
     s = secured
-    caplog.set_level(logging.WARNING, logger="tollgate.bus")
+    caplog.set_level(logging.WARNING, logger="infra.bus")
     quotas = tmp_path / "quotas.yaml"
     quotas.write_text(QUOTAS)
     async with fresh_database(servers) as database_url:

@@ -17,6 +17,7 @@ import pytest
 from nats.aio.client import Client
 from prometheus_client import REGISTRY
 
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
@@ -26,7 +27,6 @@ from services.policy.source import ConfigSource
 from tests.conftest import unique, wait_until
 from tests.integration.test_policy_support import GIB_HOUR, Fleet, Inbox
 from tollgate.commands.explain import explain_text
-from tollgate.settings import Settings
 
 pytest_plugins = ["tests.integration.test_policy_support"]
 MEM = "mem.alloc.byte_seconds"

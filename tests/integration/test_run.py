@@ -24,11 +24,11 @@ from contracts._base import parse_json
 from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from contracts.workloads import workloads_stream
+from infra.bus import ensure_streams
 from services.ledger.app import LedgerService
 from services.meter.cgroups import PARENT, Mounts, own_path
 from tests.conftest import unique, wait_until
 from tests.integration.conftest import total
-from tollgate.bus import ensure_streams
 from tollgate.embedded import EmbeddedNats, free_port
 
 if TYPE_CHECKING:

@@ -11,6 +11,7 @@ import httpx
 import pytest
 from nats.aio.client import Client
 
+from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
 from services.api.options import ApiOptions
@@ -20,7 +21,6 @@ from services.policy.config import parse_config
 from services.policy.source import ConfigSource
 from tests.integration.test_api_support import ADMIN, QUOTAS, SECRET, World, seeded_world
 from tests.servers import TestServers
-from tollgate.settings import Settings
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from datetime import timedelta
 
 import pytest
 
+from infra.settings import Settings
 from tollgate.cli import main
-from tollgate.settings import Settings
 
 
 def test_a_malformed_variable_is_named(monkeypatch: pytest.MonkeyPatch) -> None:

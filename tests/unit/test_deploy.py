@@ -28,10 +28,10 @@ import typer.main
 import yaml
 from typer.testing import CliRunner
 
+from infra.settings import Settings
 from services.api.options import ApiOptions
 from services.policy.config import parse_config
 from tollgate.cli import app
-from tollgate.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

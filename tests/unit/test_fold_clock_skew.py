@@ -8,8 +8,8 @@ from decimal import Decimal
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 from services.ledger.domain import (
-    DEFAULT_MAX_CLOCK_SKEW,
     Reading,
     SeriesKey,
     SeriesState,

@@ -15,11 +15,11 @@ from contracts.samples import samples_subject
 from contracts.spawn import spawn_check_subject
 from contracts.usage import usage_subject
 from contracts.workloads import workloads_subject
-from tollgate.bus import CredentialsError, inbox_prefix_for, seed_public_key
+from infra.bus import CredentialsError, inbox_prefix_for, seed_public_key
+from infra.settings import Settings
 from tollgate.cli import app
 from tollgate.commands.natsconfig import generate
 from tollgate.natsauth import IdentityError, Role, Roster, inbox, permissions
-from tollgate.settings import Settings
 
 KEY = "UA" + "B" * 54  # shape of a user public key; permissions only embed it
 P = "tollgate"

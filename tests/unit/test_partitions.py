@@ -17,9 +17,9 @@ from contracts.partitions import (
     spawn_check_partition_subject,
 )
 from contracts.samples import samples_stream
+from infra.bus import stored_partitions, stream_configs
+from infra.settings import Settings
 from services.policy.partitions import Ownership
-from tollgate.bus import stored_partitions, stream_configs
-from tollgate.settings import Settings
 
 
 @pytest.mark.parametrize(

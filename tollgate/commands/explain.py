@@ -14,8 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from infra.settings import Settings
 from services.policy.units import format_number
-from tollgate.settings import Settings
 
 VERDICTS = {
     "terminate": "workload terminated",

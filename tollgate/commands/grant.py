@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tollgate.settings import Settings
+from infra.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, help="Grant extra allowance on a quota, list, revoke.")
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import typer
 
+from infra.settings import Settings
 from tollgate import logs
-from tollgate.settings import Settings
 
 HELP = """Meter this host: network bytes (LAN/WAN, in/out, per workload namespace or per host),
 CPU, memory and GPU time of the workloads in the spool directory; obey termination commands.
@@ -79,7 +79,7 @@ def register(app: typer.Typer) -> None:
             )
 
         logs.configure()
-        logging.getLogger("tollgate.bus").setLevel(logging.ERROR)
+        logging.getLogger("infra.bus").setLevel(logging.ERROR)
         settings = Settings().with_endpoints()
         if not settings.nats_url:
             typer.echo(

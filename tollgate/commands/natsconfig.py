@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from contracts._base import DEFAULT_PREFIX, check_prefix
-from tollgate.bus import CredentialsError, seed_public_key
+from infra.bus import CredentialsError, seed_public_key
 from tollgate.natsauth import (
     IdentityError,
     Role,

@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.table import Table
 
 from contracts.spawn import QuotaStatus
+from infra.settings import Settings
 from services.policy.config import ConfigError, PolicyConfig, load_config, parse_config
 from services.policy.quotas import SubjectQuotas, subject_quotas
 from services.policy.units import format_number
-from tollgate.settings import Settings
 
 STATE_STYLE = {"ok": "green", "warning": "yellow", "exceeded": "bold red"}
 

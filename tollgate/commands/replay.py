@@ -10,10 +10,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from infra.settings import Settings
 from services.ledger.replay import event_line, events_after, rebuild_rollups, verify_chain
 from services.policy import grantstore
 from services.policy.grants import ChainCheck
-from tollgate.settings import Settings
 
 console = Console(stderr=True)
 

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from tollgate.settings import Settings
+from infra.settings import Settings
 
 
 class Output(StrEnum):

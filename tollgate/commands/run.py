@@ -16,12 +16,12 @@ from pydantic import ValidationError
 
 from contracts._base import utcnow
 from contracts.workloads import Resources, WorkloadStarted
+from infra.bus import CredentialsError, seed_public_key
+from infra.settings import Settings
 from services.meter.addresses import V4_POOL, V6_POOL, Pools
 from services.meter.domain import EXIT_NO_SERVERS, new_workload_id, parse_size
 from services.meter.netrules import LanList, RuleError
 from services.meter.run import RunOptions, run_workload
-from tollgate.bus import CredentialsError, seed_public_key
-from tollgate.settings import Settings
 
 HELP = """Run CMD metered: ask for a spawn decision, pass its output through, report usage.
 
@@ -49,7 +49,7 @@ def _configure_logging() -> None:
     root.addHandler(handler)
     root.setLevel(os.environ.get("TOLLGATE_LOG_LEVEL", "WARNING").upper())
     # The meter reports an outage once; these would repeat it on every reconnect attempt.
-    logging.getLogger("tollgate.bus").setLevel(logging.ERROR)
+    logging.getLogger("infra.bus").setLevel(logging.ERROR)
     logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
 
 

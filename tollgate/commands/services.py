@@ -8,11 +8,11 @@ from pathlib import Path
 import typer
 from prometheus_client import start_http_server
 
+from infra.bus import CredentialsError, seed_public_key
+from infra.settings import Settings
 from services.api.errors import ApiStartupError
 from services.policy.config import ConfigError
 from tollgate import bootstrap, logs
-from tollgate.bus import CredentialsError, seed_public_key
-from tollgate.settings import Settings
 
 
 def _run_one(name: str, config: Path | None = None) -> None:

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import typer
 
-from tollgate.settings import Settings
+from infra.settings import Settings
 
 
 class SignedRole(StrEnum):

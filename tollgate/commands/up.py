@@ -17,9 +17,11 @@ import asyncpg
 import typer
 from rich.console import Console
 
+from infra.bus import close_quietly
+from infra.settings import Settings
+from infra.tasks import cancel_and_wait
 from services.api.errors import ApiStartupError
 from tollgate import bootstrap, logs
-from tollgate.bus import close_quietly
 from tollgate.embedded import (
     EmbeddedNats,
     EmbeddedPostgres,
@@ -27,9 +29,7 @@ from tollgate.embedded import (
     StartAborted,
     port_free,
 )
-from tollgate.settings import Settings
 from tollgate.supervise import Server, ServerLost, Supervisor, force_stop, stop_servers
-from tollgate.tasks import cancel_and_wait
 
 log = logging.getLogger("tollgate.up")
 console = Console(stderr=True)

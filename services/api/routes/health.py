@@ -8,7 +8,7 @@ import asyncpg
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from tollgate.db import pending_migrations
+from infra.db import pending_migrations
 
 from ..deps import ApiDeps
 from ..models import Check, Liveness, Readiness

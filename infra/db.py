@@ -10,7 +10,7 @@ from importlib import resources
 
 import asyncpg
 
-log = logging.getLogger("tollgate.db")
+log = logging.getLogger("infra.db")
 
 # Any service may start first; whichever takes this lock applies what is missing.
 MIGRATION_LOCK = 0x70_11_6A_7E
@@ -32,9 +32,9 @@ class MigrationError(RuntimeError):
 
 
 def known_migrations() -> list[Migration]:
-    """The SQL files shipped in tollgate/migrations, in version order."""
+    """The SQL files shipped in infra/migrations, in version order."""
     found = []
-    for entry in resources.files("tollgate.migrations").iterdir():
+    for entry in resources.files("infra.migrations").iterdir():
         if entry.name.endswith(".sql"):
             version = int(entry.name.split("_", 1)[0])
             found.append(Migration(version, entry.name, entry.read_text()))

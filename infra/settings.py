@@ -11,8 +11,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from contracts._base import DEFAULT_PREFIX, check_prefix
-from services.ledger.domain import DEFAULT_MAX_CLOCK_SKEW
-from services.policy.config import parse_duration
+from contracts.durations import DEFAULT_MAX_CLOCK_SKEW, parse_duration
 
 MAX_CLOCK_SKEW_LIMIT = timedelta(days=3660)
 

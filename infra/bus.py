@@ -33,7 +33,7 @@ from contracts.samples import samples_stream, samples_wildcard
 from contracts.usage import usage_stream, usage_wildcard
 from contracts.workloads import workloads_stream, workloads_wildcard
 
-log = logging.getLogger("tollgate.bus")
+log = logging.getLogger("infra.bus")
 DAY = 86_400
 _PARTITION_RE = re.compile(r"\{\{\s*partition\((\d+)")
 
