@@ -133,6 +133,14 @@ class TollgateBroker(NatsBroker):
             return INBOX_PREFIX
         return inbox_prefix_for(seed_public_key(self.seed_file)).encode() + b"."
 
+    def adopt(self, nc: Client) -> TollgateBroker:
+        """Publish and request over a connection someone else owns (and closes), e.g. a
+        test's. Subscribers are not started; `stop` leaves the connection open."""
+        self._connection = nc
+        self._adopted = True
+        self.config.connect(nc)
+        return self
+
     async def _connect(self) -> Client:
         nc = await connect(self.url_text, self.client_name, self.seed_file)
         self.config.connect(nc)
@@ -140,22 +148,29 @@ class TollgateBroker(NatsBroker):
 
     async def start(self) -> None:
         await self.connect()
-        inbox = self.inbox
         for sub in self.subscribers:
-            if not isinstance(sub, PullStreamSubscriber | BatchPullStreamSubscriber):
-                continue
-            options = sub.extra_options
-            if options.get("inbox_prefix") in (None, INBOX_PREFIX):
-                options["inbox_prefix"] = inbox
-            durable = options.get("durable")
-            if durable:
-                # Create or update: FastStream only binds to a durable that exists.
-                config = sub.config
-                config.durable_name = durable
-                if not config.filter_subjects:
-                    config.filter_subject = sub.subject.broker_address
-                await self.js.add_consumer(sub.stream.name, config)
+            await self.prepare(sub)
         await super().start()
+
+    async def prepare(self, sub: Any) -> None:
+        """Fit a pull subscriber for us before it starts: our inbox, its durable up to date.
+
+        `start` does it for every subscriber; a service that starts a subscriber of its own
+        later (`await sub.start()`, e.g. the meter's command consumers) calls it first.
+        """
+        if not isinstance(sub, PullStreamSubscriber | BatchPullStreamSubscriber):
+            return
+        options = sub.extra_options
+        if options.get("inbox_prefix") in (None, INBOX_PREFIX):
+            options["inbox_prefix"] = self.inbox
+        durable = options.get("durable")
+        if durable:
+            # Create or update: FastStream only binds to a durable that exists.
+            config = sub.config
+            config.durable_name = durable
+            if not config.filter_subjects:
+                config.filter_subject = sub.subject.broker_address
+            await self.js.add_consumer(sub.stream.name, config)
 
     async def stop(
         self,
@@ -164,6 +179,8 @@ class TollgateBroker(NatsBroker):
         exc_tb: TracebackType | None = None,
     ) -> None:
         """Stop the subscribers, then close (not drain) the connection, in a few seconds."""
+        if getattr(self, "_adopted", False):
+            return
         try:
             await asyncio.wait_for(
                 BrokerUsecase.stop(self, exc_type, exc_val, exc_tb), GRACEFUL_TIMEOUT + 1
@@ -177,6 +194,27 @@ class TollgateBroker(NatsBroker):
                 self.config.disconnect()
 
 
+Consume = Callable[[Any], Awaitable[Any]]
+Fetch = Callable[[JetStreamContext.PullSubscription, Consume], Awaitable[None]]
+
+
+def consume_with(subscriber: Any, loop: Fetch) -> Any:
+    """Replace a pull subscriber's fetch loop with `loop(subscription, consume)`.
+
+    `consume(msg_or_list)` is FastStream's: parser, decoder, middlewares, the typed handler,
+    acks by the subscriber's AckPolicy. `loop` runs while the subscriber runs; when it
+    returns, consuming ends until the subscriber is started again (FastStream restarts it
+    only if it raises). `fetch_when_ready` is one such loop.
+    """
+
+    async def _consume(self: Any, cb: Consume | None = None) -> None:
+        assert self.subscription is not None
+        await loop(self.subscription, cb or self.consume)
+
+    subscriber._consume_pull = MethodType(_consume, subscriber)
+    return subscriber
+
+
 def fetch_when_ready(subscriber: BatchPullStreamSubscriber) -> BatchPullStreamSubscriber:
     """Make a batch pull subscriber hand over what is there as soon as one message is.
 
@@ -185,22 +223,21 @@ def fetch_when_ready(subscriber: BatchPullStreamSubscriber) -> BatchPullStreamSu
     with `infra.bus.fetch_ready`). This replaces the subscriber's fetch loop with one built
     on `fetch_ready`; handlers, acks, middlewares and the AsyncAPI entry are FastStream's.
     """
+    size, timeout = subscriber.pull_sub.batch_size, subscriber.pull_sub.timeout or 5.0
 
-    async def _consume_ready(self: BatchPullStreamSubscriber) -> None:
-        assert self.subscription is not None
-        size, timeout = self.pull_sub.batch_size, self.pull_sub.timeout or 5.0
-        while self.running:
+    async def ready(sub: JetStreamContext.PullSubscription, consume: Consume) -> None:
+        while subscriber.running:
             try:
-                messages = await fetch_ready(self.subscription, size, timeout)
+                messages = await fetch_ready(sub, size, timeout)
             except TimeoutError:
                 continue
             except (nats.errors.ConnectionClosedError, ServiceUnavailableError):
                 await asyncio.sleep(0.1)  # reconnecting: unacked messages are redelivered
                 continue
-            if messages and self.running:
-                await self.consume(messages)  # type: ignore[arg-type]
+            if messages and subscriber.running:
+                await consume(messages)
 
-    subscriber._consume_pull = MethodType(_consume_ready, subscriber)  # type: ignore[method-assign]
+    consume_with(subscriber, ready)
     return subscriber
 
 
