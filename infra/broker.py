@@ -32,14 +32,21 @@ from faststream._internal.broker import BrokerUsecase
 from faststream.message import StreamMessage
 from faststream.middlewares import ExceptionMiddleware
 from faststream.nats import JStream, NatsBroker
+from faststream.nats.prometheus.provider import (
+    BatchNatsMetricsSettingsProvider,
+    NatsMetricsSettingsProvider,
+)
 from faststream.nats.subscriber.usecases.stream_pull_subscriber import (
     BatchPullStreamSubscriber,
     PullStreamSubscriber,
 )
+from faststream.prometheus import PrometheusMiddleware
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import INBOX_PREFIX
 from nats.js.errors import ServiceUnavailableError
+from prometheus_client import REGISTRY, CollectorRegistry
 from pydantic import ValidationError
 
 from contracts._base import PayloadError, parse_json
@@ -241,11 +248,18 @@ def fetch_when_ready(subscriber: BatchPullStreamSubscriber) -> BatchPullStreamSu
     return subscriber
 
 
-def broker_for(settings: Settings, name: str, **kwargs: Any) -> TollgateBroker:
-    """The broker of service `name`, on the settings' NATS URL and nkey seed file."""
+def broker_for(
+    settings: Settings, name: str, middlewares: Sequence[Any] = (), **kwargs: Any
+) -> TollgateBroker:
+    """The broker of service `name`, on the settings' NATS URL and nkey seed file, with
+    its `tollgate_bus_*` metrics (`bus_metrics`) in the process's Prometheus registry."""
     assert settings.nats_url, "no NATS URL: start with `tollgate up` or set TOLLGATE_NATS_URL"
     return TollgateBroker(
-        settings.nats_url, name=name, seed_file=settings.nats_nkey_seed_file, **kwargs
+        settings.nats_url,
+        name=name,
+        seed_file=settings.nats_nkey_seed_file,
+        middlewares=[bus_metrics(name), *middlewares],
+        **kwargs,
     )
 
 
@@ -335,3 +349,64 @@ def _payload_errors(exc: ValidationError, limit: int = 5) -> list[FieldError]:
             )
         )
     return found
+
+
+# Tokens of a subject kept as they are in a metric label; the rest (hosts, subjects,
+# targets) become `*`, so a label has as many values as the contract has subjects, not as
+# many as there are hosts and users.
+_FIXED_TOKENS = {"commands": 4, "spawn": 4}  # commands.terminate.<host>, spawn.check
+METRICS_PREFIX = "tollgate_bus"
+
+
+def subject_pattern(subject: str) -> str:
+    """`tollgate.v1.samples.h1` -> `tollgate.v1.samples.*`; reply inboxes -> `_INBOX`."""
+    if subject.startswith(("_INBOX.", "$JS.")):
+        return subject.split(".", 1)[0]
+    tokens = subject.split(".")
+    kind = tokens[2] if len(tokens) > 2 else ""
+    keep = _FIXED_TOKENS.get(kind, 3)
+    return ".".join(tokens[:keep] + ["*"] * (len(tokens) - keep))
+
+
+class _Patterned(NatsMetricsSettingsProvider):
+    __slots__ = ()
+
+    def get_consume_attrs_from_message(self, msg: Any) -> Any:
+        attrs = super().get_consume_attrs_from_message(msg)
+        attrs["destination_name"] = subject_pattern(attrs["destination_name"])
+        return attrs
+
+    def get_publish_destination_name_from_cmd(self, cmd: Any) -> str:
+        return subject_pattern(cmd.destination)
+
+
+class _BatchPatterned(BatchNatsMetricsSettingsProvider):
+    __slots__ = ()
+
+    def get_consume_attrs_from_message(self, msg: Any) -> Any:
+        attrs = super().get_consume_attrs_from_message(msg)
+        attrs["destination_name"] = subject_pattern(attrs["destination_name"])
+        return attrs
+
+    def get_publish_destination_name_from_cmd(self, cmd: Any) -> str:
+        return subject_pattern(cmd.destination)
+
+
+def _providers(msg: Any) -> Any:
+    if isinstance(msg, list | tuple):
+        return _BatchPatterned()
+    if msg is None or isinstance(msg, Msg):
+        return _Patterned()
+    return None
+
+
+def bus_metrics(app_name: str, registry: CollectorRegistry = REGISTRY) -> PrometheusMiddleware:
+    """FastStream's Prometheus middleware as Tollgate exports it: `tollgate_bus_*` metrics
+    (received, processed with duration and exceptions, in process, published), labelled
+    by service (`app_name`) and subject pattern (`handler`, never a host or user name)."""
+    return PrometheusMiddleware(
+        settings_provider_factory=_providers,
+        registry=registry,
+        app_name=app_name,
+        metrics_prefix=METRICS_PREFIX,
+    )

@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 import asyncpg
 from fastapi import FastAPI
 
-from infra.broker import TollgateBroker
+from infra.broker import TollgateBroker, bus_metrics
 from infra.bus import CredentialsError, seed_public_key
 from infra.db import close_pool, connect_and_migrate
 from infra.settings import Settings
@@ -156,7 +156,10 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
     # (and answer without it), and the client
     # retries forever, so waiting for it would leave the API silent while NATS is down.
     # /readyz reports it until it is connected.
-    broker = TollgateBroker(s.nats_url, name="tollgate-api", seed_file=s.nats_nkey_seed_file)
+    broker = TollgateBroker(
+        s.nats_url, name="tollgate-api", seed_file=s.nats_nkey_seed_file,
+        middlewares=[bus_metrics("tollgate-api")],
+    )  # fmt: skip
     channels = ApiChannels(broker, s.prefix)
     joining = asyncio.create_task(_join_nats(deps, broker, channels))
     try:

@@ -8,10 +8,11 @@ from decimal import Decimal
 from typing import Any
 
 from faststream.nats import NatsRouter, TestNatsBroker
+from prometheus_client import CollectorRegistry
 
 from contracts.errors import ErrorReply
 from contracts.spawn import SpawnDecision, SpawnRequest
-from infra.broker import TollgateBroker, error_replies
+from infra.broker import TollgateBroker, bus_metrics, error_replies, subject_pattern
 
 
 def _decider(broker: TollgateBroker, subject: str) -> list[SpawnRequest]:
@@ -74,3 +75,37 @@ async def test_payloads_are_decoded_with_exact_decimals() -> None:
     async with TestNatsBroker(broker) as test:
         await test.publish(b'{"v": 0.1000000000000000000001}', "t.numbers")
     assert got == [{"v": Decimal("0.1000000000000000000001")}]
+
+
+async def test_bus_metrics_are_labelled_by_subject_pattern_not_by_host() -> None:
+    registry = CollectorRegistry()
+    broker = TollgateBroker(name="unit", middlewares=[bus_metrics("tollgate-unit", registry)])
+    got: list[Any] = []
+
+    @broker.subscriber("t.v1.samples.{host}")
+    async def take(body: dict[str, Any]) -> None:
+        got.append(body)
+
+    async with TestNatsBroker(broker) as test:
+        for host in ("h1", "h2", "h3"):
+            await test.publish({"n": 1}, f"t.v1.samples.{host}")
+    received = registry.get_sample_value(
+        "tollgate_bus_received_messages_total",
+        {"app_name": "tollgate-unit", "broker": "nats", "handler": "t.v1.samples.*"},
+    )
+    assert received == 3 and len(got) == 3
+    handlers = {
+        s.labels.get("handler")
+        for metric in registry.collect()
+        for s in metric.samples
+        if "handler" in s.labels
+    }
+    assert handlers == {"t.v1.samples.*"}
+
+
+def test_subject_patterns_keep_the_contracts_subjects_and_drop_names() -> None:
+    assert subject_pattern("tollgate.v1.usage.alice") == "tollgate.v1.usage.*"
+    assert subject_pattern("tollgate.v1.commands.notice.h1") == "tollgate.v1.commands.notice.*"
+    assert subject_pattern("tollgate.v1.spawn.check") == "tollgate.v1.spawn.check"
+    assert subject_pattern("tollgate.v1.grants.subject.bob") == "tollgate.v1.grants.*.*"
+    assert subject_pattern("_INBOX.UKEY.nuid") == "_INBOX"
