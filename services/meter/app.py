@@ -14,7 +14,7 @@ from typing import Any
 from faststream import AckPolicy
 from faststream.middlewares import ExceptionMiddleware
 from faststream.nats import PullSub
-from faststream.nats.message import NatsMessage
+from faststream.nats.annotations import NatsMessage
 from faststream.nats.publisher.usecase import LogicPublisher
 from nats.js.api import ConsumerConfig
 from pydantic import ValidationError
