@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import nats.errors
@@ -25,26 +24,13 @@ from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from infra.broker import TollgateBroker
 
 from .app import MeterChannels, unreadable_is_ignored
+from .messages import Message, NoDecision
+
+__all__ = ["Message", "MeterLink", "NoDecision"]
 
 log = logging.getLogger("tollgate.meter")
 PUBLISH_TIMEOUT = 2.0
 RETRY_PAUSE = 0.25
-
-
-@dataclass(frozen=True)
-class NoDecision:
-    """A spawn check that got no usable answer, and why."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Message:
-    """One JetStream message with the id the stream deduplicates on."""
-
-    subject: str
-    payload: bytes
-    msg_id: str
 
 
 class MeterLink:
