@@ -8,6 +8,7 @@ import asyncio
 import time
 from typing import Annotated, Any
 
+import nats.errors
 import pytest
 from faststream import AckPolicy, Context
 from faststream.nats import NatsRouter, PullSub
@@ -101,6 +102,15 @@ async def _true(value: bool) -> bool:
     return value
 
 
+async def _published(js: Any, subject: str, body: bytes) -> bool:
+    """Publish once; False while JetStream is not back yet (the same id: never twice)."""
+    try:
+        await js.publish(subject, body, timeout=1, headers={"Nats-Msg-Id": "c2"})
+    except (nats.errors.Error, OSError, TimeoutError):
+        return False
+    return True
+
+
 async def test_a_changed_durable_config_takes_effect_at_start(secured: Secured) -> None:
     s, stop = secured, asyncio.Event()
     for ack_wait in (30.0, 45.0):
@@ -180,3 +190,67 @@ async def test_a_service_broker_serves_within_the_bootstrap_lifecycle(secured: S
     stop.set()
     await asyncio.wait_for(task, 5)
     assert broker._connection is None
+
+
+async def test_the_meters_command_consumer_is_made_again_after_nats_restarts(
+    tmp_path: Any,
+) -> None:
+    """A NATS restart drops the in-memory ephemeral consumer: the listener's own fetch loop
+    notices, and the consumer is made again from the next sequence (FastStream's loop would
+    retry the lost consumer forever)."""
+    import subprocess
+    from decimal import Decimal
+
+    from contracts._base import utcnow
+    from contracts.commands import TerminateWorkload, commands_stream, terminate_subject
+    from infra.bus import connect, ensure_streams
+    from services.meter.commands import CommandListener
+    from services.meter.publisher import MeterLink
+    from tollgate.embedded import free_port, nats_server_binary
+
+    port, prefix, host = free_port(), unique("t"), "h1"
+    url = f"nats://127.0.0.1:{port}"
+    args = [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port), "-js",
+            "-sd", str(tmp_path / "js")]  # fmt: skip
+
+    def start() -> subprocess.Popen[bytes]:
+        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def command(command_id: str) -> bytes:
+        return TerminateWorkload(
+            command_id=command_id, workload="w1", subject="alice", reason="r", quota="q",
+            metric="log.bytes", used=Decimal(2), limit=Decimal(1), grace_seconds=Decimal(0),
+            decided_at=utcnow(),
+        ).to_json()  # fmt: skip
+
+    server = start()
+    got: list[str] = []
+
+    async def handle(c: TerminateWorkload) -> None:
+        got.append(c.command_id)
+
+    link = MeterLink(url, "meter")
+    try:
+        admin = await connect(url, "admin")
+        await ensure_streams(admin.jetstream(), prefix, duplicate_window=120)
+        link.start()
+        listener = CommandListener(link, prefix, host, handle, next_seq=1)
+        task = asyncio.create_task(listener.run())
+        js = admin.jetstream()
+        await js.publish(terminate_subject(host, prefix), command("c1"))
+        await wait_until(lambda: _true(got == ["c1"]), 15, "the first command")
+        server.kill()
+        server.wait()
+        server = start()
+        # Published once NATS is back: the new consumer starts after c1, so c1 stays done.
+        await wait_until(lambda: _published(js, terminate_subject(host, prefix), command("c2")),
+                         20, "JetStream back to take c2")  # fmt: skip
+        await wait_until(lambda: _true(got == ["c1", "c2"]), 20, "the command after the restart")
+        info = await js.stream_info(commands_stream(prefix))
+        assert info.state.messages == 2
+        await listener.stop(task)
+        await admin.close()
+    finally:
+        await link.close()
+        server.kill()
+        server.wait()
