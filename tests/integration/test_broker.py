@@ -254,3 +254,37 @@ async def test_the_meters_command_consumer_is_made_again_after_nats_restarts(
         await link.close()
         server.kill()
         server.wait()
+
+
+async def test_a_declared_responder_served_by_hand(secured: Secured) -> None:
+    """serve_by_hand: the raw nats-py callback answers in production, the declaration stays
+    for the document (and for TestNatsBroker)."""
+    from faststream.specification import AsyncAPI
+
+    from infra.broker import serve_by_hand
+
+    s, stop, raw_calls = secured, asyncio.Event(), []
+    policy = TollgateBroker(s.url, name="policy", seed_file=s.seed("policy"))
+    subject = spawn_check_subject(s.prefix)
+    subscriber = policy.subscriber(subject, queue="policy", title="spawn-check")
+
+    def decide(request: SpawnRequest) -> SpawnDecision:
+        return SpawnDecision(decision_id="d", allowed=request.subject != "bob", reason="ok",
+                             message="m")  # fmt: skip
+
+    @subscriber
+    async def typed(request: SpawnRequest) -> SpawnDecision:
+        return decide(request)
+
+    async def raw(msg: Any) -> None:
+        raw_calls.append(msg.subject)
+        await msg.respond(decide(SpawnRequest.model_validate_json(msg.data)).to_json())
+
+    serve_by_hand(policy, subscriber, raw, queue="policy")
+    hub = TollgateBroker(s.url, name="hub", seed_file=s.seed(s.hub))
+    async with running(policy, stop), running(hub, stop):
+        reply = await hub.request(SpawnRequest(subject="bob"), subject, timeout=5)
+    assert SpawnDecision.model_validate(await reply.decode()).allowed is False
+    assert raw_calls == [subject]
+    doc = AsyncAPI(policy, schema_version="3.0.0").to_specification().to_jsonable()
+    assert doc["operations"]["spawn-check"]["action"] == "receive"
