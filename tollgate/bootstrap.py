@@ -75,17 +75,18 @@ async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
     try:
         pool = await open_pool(settings, stop)
         try:
+            # The feed publishes each committed batch from memory, in its own task.
+            feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
             service = LedgerService(
                 nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
                 fetch_timeout=settings.ledger_fetch_timeout,
                 max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
                 partition=settings.partition if settings.partitions > 1 else None,
-                max_clock_skew=settings.max_clock_skew,
+                max_clock_skew=settings.max_clock_skew, on_commit=feed.on_commit,
             )  # fmt: skip
-            feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
             log.info("ledger consuming %s samples as consumer %s", settings.prefix,
                      service.consumer)  # fmt: skip
-            await asyncio.gather(service.run(stop), feed.run(stop, service.committed))
+            await asyncio.gather(service.run(stop), feed.run(stop))
         finally:
             await close_pool(pool)
     finally:

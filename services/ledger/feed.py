@@ -1,11 +1,19 @@
 """The usage feed: committed events published to `tollgate.v1.usage.<subject>` in seq order.
 
-`usage_events` is the outbox: written in the ledger's transaction, read here after commit.
-The feed's position is advanced only after JetStream acknowledged everything up to it, so
-a crash between commit and publish loses nothing; republished events carry the same
-`Nats-Msg-Id` (`usage:<seq>`) and JetStream drops them inside its duplicate window, and
-consumers are idempotent by `seq` beyond it. The row lock on the position makes one
-publisher active at a time when several ledger instances run.
+One JetStream message carries many events: a `tollgate.usage_batch.v1` envelope per (ledger
+batch, subject, chunk of at most MAX_BATCH_EVENTS events and MAX_BATCH_BYTES bytes). The
+ledger numbers a batch's events grouped by subject, so each envelope covers a contiguous
+range of seqs and consecutive envelopes are consecutive ranges.
+
+`usage_events` stays the outbox. The publisher takes what the ledger just committed from
+memory (`on_commit`, no read back), and reads from Postgres whatever it does not hold: after
+a restart, when another ledger instance committed it, or when it fell so far behind that it
+dropped its in-memory copy (bounded by `max_buffered` events). The feed's position advances
+only past envelopes JetStream acked, so a crash between commit and publish loses nothing.
+The chunking depends only on the committed events, never on how they were read, so a
+republished envelope has the same `Nats-Msg-Id` (`usage:<first_seq>-<last_seq>`) and
+JetStream drops it inside its duplicate window; consumers are idempotent by seq beyond it.
+The row lock on the position makes one publisher active at a time.
 """
 
 from __future__ import annotations
@@ -14,40 +22,87 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
+from typing import NamedTuple
 
 import asyncpg
+import msgspec
 import nats.errors
 from nats.js import JetStreamContext
 
-from contracts.usage import UsageRecorded, usage_subject
+from contracts import format_decimal
+from contracts.usage import (
+    BATCH_SCHEMA,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    usage_msg_id,
+    usage_subject,
+)
 
 from . import metrics
 from .app import TRANSIENT
+from .store import BatchResult
 
 log = logging.getLogger("tollgate.ledger.feed")
 FEED = "usage"
+# Room for the envelope's own fields around its events (a subject is at most 800 bytes).
+_HEAD_ROOM = 2048
 
 
-def _event(row: asyncpg.Record) -> UsageRecorded:
-    return UsageRecorded(
-        seq=row["seq"],
-        recorded_at=row["recorded_at"],
-        host=row["host"],
-        epoch=row["epoch"],
-        subject=row["subject"],
-        workload=row["workload"],
-        metric=row["metric"],
-        delta=row["delta"],
-        window_start=row["window_start"],
-        window_end=row["window_end"],
-        reset=row["reset"],
-        batch_hash=row["hash"],
-        labels=_labels(row["labels"]),
-        received_at=row["received_at"],
-        sampled_at=row["sampled_at"],
-        clock_skew_seconds=row["clock_skew_seconds"],
-    )
+class FeedEvent(msgspec.Struct, frozen=True):
+    """One event of an envelope, in `UsageBatchEvent`'s field order, ready to encode."""
+
+    seq: int
+    host: str
+    epoch: str
+    workload: str
+    metric: str
+    delta: str
+    window_start: datetime | None
+    window_end: datetime
+    reset: bool
+    labels: dict[str, str]
+    received_at: datetime | None
+    sampled_at: datetime | None
+    clock_skew_seconds: str | None
+
+
+class FeedBatch(NamedTuple):
+    """A committed ledger batch as the feed publishes it: events in seq order, subjects grouped."""
+
+    batch_id: int
+    batch_hash: str
+    recorded_at: datetime
+    first_seq: int
+    last_seq: int
+    subjects: list[str]  # per event
+    events: list[FeedEvent]
+
+
+class Envelope(NamedTuple):
+    subject: str
+    first_seq: int
+    last_seq: int
+    body: bytes
+
+    @property
+    def msg_id(self) -> str:
+        return usage_msg_id(self.first_seq, self.last_seq)
+
+
+# Dict keys sorted: labels read back from jsonb encode exactly as those held in memory.
+_ENCODER = msgspec.json.Encoder(order="deterministic")
+
+
+def _amount(value: Decimal | None) -> str | None:
+    return None if value is None else format_decimal(value)
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None or value.tzinfo is UTC else value.astimezone(UTC)
 
 
 def _labels(value: object) -> dict[str, str]:
@@ -55,18 +110,204 @@ def _labels(value: object) -> dict[str, str]:
     return dict(loaded) if isinstance(loaded, dict) else {}
 
 
-class UsageFeed:
-    """Publishes every committed usage event once, gap-free, in ledger order."""
+def batch_of_result(result: BatchResult) -> FeedBatch | None:
+    """The feed's view of a batch the ledger just committed (in memory, no read back)."""
+    if not result.events:
+        return None
+    first = result.events[0]
+    subjects: list[str] = []
+    events: list[FeedEvent] = []
+    for e in result.events:
+        u = e.usage
+        k = u.key
+        subjects.append(k.subject)
+        event = FeedEvent(
+            e.seq, k.host, k.epoch, k.workload, k.metric, format_decimal(u.delta),
+            _utc(u.window_start), _utc(u.window_end) or u.window_end, u.reset,
+            dict(u.labels) if u.labels else {}, _utc(u.received_at), _utc(u.sampled_at),
+            _amount(u.clock_skew),
+        )  # fmt: skip
+        events.append(event)
+    return FeedBatch(
+        first.batch_id, first.batch_hash, _utc(first.recorded_at) or first.recorded_at,
+        first.seq, result.events[-1].seq, subjects, events,
+    )  # fmt: skip
 
-    def __init__(self, js: JetStreamContext, pool: asyncpg.Pool, prefix: str, batch: int = 500):
+
+def _event_of_row(r: asyncpg.Record) -> FeedEvent:
+    return FeedEvent(
+        r["seq"], r["host"], r["epoch"], r["workload"], r["metric"], format_decimal(r["delta"]),
+        _utc(r["window_start"]), _utc(r["window_end"]) or r["window_end"], r["reset"],
+        _labels(r["labels"]), _utc(r["received_at"]), _utc(r["sampled_at"]),
+        _amount(r["clock_skew_seconds"]),
+    )  # fmt: skip
+
+
+def envelopes(
+    batch: FeedBatch,
+    prefix: str,
+    after: int = 0,
+    max_events: int = MAX_BATCH_EVENTS,
+    max_bytes: int = MAX_BATCH_BYTES,
+) -> Iterator[Envelope]:
+    """The batch's envelopes for the events past seq `after`, in seq order.
+
+    Greedy and deterministic: a chunk ends where the subject changes, at `max_events`, or
+    before the event that would take its JSON past `max_bytes`. Starting at an envelope's
+    boundary gives the same envelopes as starting at the batch's first event.
+    """
+    budget = max_bytes - _HEAD_ROOM
+    head = (
+        f'{{"schema":"{BATCH_SCHEMA}","subject":%s,"batch_id":{batch.batch_id},'
+        f'"batch_hash":%s,"recorded_at":%s,"first_seq":%d,"last_seq":%d,"events":['
+    )
+    common = (_ENCODER.encode(batch.batch_hash), _ENCODER.encode(batch.recorded_at))
+    start = max(after + 1, batch.first_seq) - batch.first_seq
+    subject: str | None = None
+    parts: list[bytes] = []
+    size = 0
+    first = 0
+
+    def close() -> Envelope:
+        assert subject is not None
+        last = first + len(parts) - 1
+        top = head % (_ENCODER.encode(subject).decode(), *(c.decode() for c in common), first, last)
+        return Envelope(subject, first, last, top.encode() + b",".join(parts) + b"]}")
+
+    for i in range(start, len(batch.events)):
+        event, owner = batch.events[i], batch.subjects[i]
+        data = _ENCODER.encode(event)
+        if parts and (
+            owner != subject or len(parts) >= max_events or size + len(data) + 1 > budget
+        ):
+            yield close()
+            parts, size = [], 0
+        if not parts:
+            subject, first = owner, event.seq
+        parts.append(data)
+        size += len(data) + 1
+    if parts:
+        yield close()
+
+
+class UsageFeed:
+    """Publishes every committed usage event once, gap-free, in ledger order, many to a message."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        pool: asyncpg.Pool,
+        prefix: str,
+        batch: int = 20_000,
+        max_buffered: int = 200_000,
+    ):
         self.js = js
         self.pool = pool
         self.prefix = prefix
-        self.batch = batch
+        self.batch = batch  # events per publish round (whole ledger batches, at least one)
+        self.max_buffered = max_buffered
         self.published = 0
+        self.envelopes = 0
+        self.dropped = 0  # times the in-memory copy was dropped for falling behind
+        self._memory: deque[FeedBatch] = deque()
+        self._buffered = 0
+        self._wake = asyncio.Event()
+
+    def on_commit(self, result: BatchResult) -> None:
+        """The ledger committed `result`: keep it for publishing (never blocks, bounded)."""
+        batch = batch_of_result(result)
+        if batch is None:
+            return
+        n = len(batch.events)
+        if self._buffered + n > self.max_buffered:
+            # Behind by more than we hold: publish from Postgres until caught up.
+            if self._memory:
+                self.dropped += 1
+                log.info(
+                    "usage feed: %d committed events not yet published; reading them from "
+                    "Postgres instead of holding them in memory", self._buffered + n,
+                )  # fmt: skip
+            self._memory.clear()
+            self._buffered = 0
+        else:
+            self._memory.append(batch)
+            self._buffered += n
+        self._wake.set()
+
+    def _forget_through(self, seq: int) -> None:
+        while self._memory and self._memory[0].last_seq <= seq:
+            self._buffered -= len(self._memory.popleft().events)
+
+    def _from_memory(self, position: int) -> list[FeedBatch]:
+        """Consecutive batches held in memory starting at `position + 1` (else none)."""
+        self._forget_through(position)
+        out: list[FeedBatch] = []
+        expected, count = position + 1, 0
+        for b in self._memory:
+            if not b.first_seq <= expected <= b.last_seq or (out and count >= self.batch):
+                break
+            out.append(b)
+            count += b.last_seq - expected + 1
+            expected = b.last_seq + 1
+        return out
+
+    async def _from_postgres(self, conn: asyncpg.Connection, position: int) -> list[FeedBatch]:
+        """Whole ledger batches from the one holding `position + 1`, about `self.batch` events."""
+        first_batch = await conn.fetchval(
+            "SELECT batch_id FROM usage_events WHERE seq = $1", position + 1
+        )
+        if first_batch is None:
+            return []
+        heads = await conn.fetch(
+            """SELECT batch_id, hash, committed_at, first_seq, last_seq FROM ledger_batches
+               WHERE batch_id >= $1 ORDER BY batch_id LIMIT 1000""",
+            first_batch,
+        )
+        chosen, count = [], 0
+        for h in heads:
+            if chosen and count >= self.batch:
+                break
+            chosen.append(h)
+            count += h["last_seq"] - max(h["first_seq"], position + 1) + 1
+        rows = await conn.fetch(
+            """SELECT seq, batch_id, host, epoch, subject, workload, metric, delta, window_start,
+                      window_end, reset, labels, received_at, sampled_at, clock_skew_seconds
+               FROM usage_events WHERE seq > $1 AND seq <= $2 ORDER BY seq""",
+            position,
+            chosen[-1]["last_seq"],
+        )
+        by_batch: dict[int, list[asyncpg.Record]] = {}
+        for r in rows:
+            by_batch.setdefault(r["batch_id"], []).append(r)
+        out = []
+        for h in chosen:
+            mine = by_batch.get(h["batch_id"], [])
+            if not mine:
+                break  # not visible (cannot happen: committed batches are a prefix)
+            batch = FeedBatch(
+                h["batch_id"], h["hash"], _utc(h["committed_at"]) or h["committed_at"],
+                h["first_seq"], h["last_seq"], [r["subject"] for r in mine],
+                [_event_of_row(r) for r in mine],
+            )  # fmt: skip
+            out.append(batch)
+        return out
+
+    async def _publish(self, envs: Sequence[Envelope]) -> list[object]:
+        # Sent in order on one connection; JetStream stores them in that order.
+        return await asyncio.gather(
+            *(
+                self.js.publish(
+                    usage_subject(e.subject, self.prefix),
+                    e.body,
+                    headers={"Nats-Msg-Id": e.msg_id},
+                )
+                for e in envs
+            ),
+            return_exceptions=True,
+        )
 
     async def publish_pending(self) -> int:
-        """Publish what is committed but not yet published; return how many went out."""
+        """Publish what is committed but not yet published; return how many events went out."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO feed_positions VALUES ($1, 0, now()) ON CONFLICT DO NOTHING", FEED
@@ -74,54 +315,44 @@ class UsageFeed:
             position = await conn.fetchval(
                 "SELECT seq FROM feed_positions WHERE feed = $1 FOR UPDATE", FEED
             )
-            rows = await conn.fetch(
-                """SELECT e.seq, e.recorded_at, e.host, e.epoch, e.subject, e.workload,
-                          e.metric, e.delta, e.window_start, e.window_end, e.reset, b.hash,
-                          e.labels, e.received_at, e.sampled_at, e.clock_skew_seconds
-                   FROM usage_events e JOIN ledger_batches b USING (batch_id)
-                   WHERE e.seq > $1 ORDER BY e.seq LIMIT $2""",
-                position,
-                self.batch,
-            )
-            if not rows:
+            batches = self._from_memory(position) or await self._from_postgres(conn, position)
+            if not batches:
                 return 0
-            # Sent in order on one connection; JetStream stores them in that order.
-            acks = await asyncio.gather(
-                *(
-                    self.js.publish(
-                        usage_subject(r["subject"], self.prefix),
-                        _event(r).to_json(),
-                        headers={"Nats-Msg-Id": f"{FEED}:{r['seq']}"},
-                    )
-                    for r in rows
-                ),
-                return_exceptions=True,
-            )
-            done = position
-            for row, ack in zip(rows, acks, strict=True):
+            envs: list[Envelope] = []
+            for b in batches:
+                envs.extend(envelopes(b, self.prefix, position))
+                await asyncio.sleep(0)  # encoding is CPU: let the ledger's fetches in between
+            acks = await self._publish(envs)
+            done, sent = position, 0
+            for env, ack in zip(envs, acks, strict=True):
                 if isinstance(ack, BaseException):
                     break
-                done = row["seq"]
+                done, sent = env.last_seq, sent + 1
             await conn.execute(
                 "UPDATE feed_positions SET seq = $2, updated_at = $3 WHERE feed = $1",
                 FEED,
                 done,
                 datetime.now(UTC),
             )
+        self._forget_through(done)
         failed = next((a for a in acks if isinstance(a, BaseException)), None)
         if failed is not None:
             raise failed
         self.published += done - position
+        self.envelopes += sent
         metrics.FEED_PUBLISHED.inc(done - position)
         return int(done - position)
 
-    async def run(self, stop: asyncio.Event, wake: asyncio.Event) -> None:
-        """Publish whenever the ledger commits (`wake`), and at least once a second."""
+    async def run(self, stop: asyncio.Event, wake: asyncio.Event | None = None) -> None:
+        """Publish whenever the ledger commits (`on_commit`, or `wake`), at least once a second."""
         backoff = 0.1
+        wakes = [self._wake] if wake is None else [self._wake, wake]
         while not stop.is_set():
+            for w in wakes:
+                w.clear()
             try:
-                while await self.publish_pending() == self.batch:
-                    pass  # more waiting: keep going before sleeping
+                while await self.publish_pending():
+                    pass  # more may be waiting: keep going before sleeping
                 backoff = 0.1
             except (*TRANSIENT, nats.errors.Error) as exc:
                 log.warning("usage feed: cannot publish (%s: %s); retrying in %.1fs",
@@ -130,9 +361,10 @@ class UsageFeed:
                     await asyncio.wait_for(stop.wait(), backoff)
                 backoff = min(backoff * 2, 5.0)
                 continue
-            wake.clear()
+            if any(w.is_set() for w in wakes):
+                continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(_first(stop, wake), 1.0)
+                await asyncio.wait_for(_first(stop, *wakes), 1.0)
 
 
 async def _first(*events: asyncio.Event) -> None:
@@ -142,3 +374,8 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for w in waits:
             w.cancel()
+
+
+def expand(batches: Iterable[FeedBatch], prefix: str) -> list[Envelope]:
+    """Every envelope of `batches` (for tests and the benchmark)."""
+    return [e for b in batches for e in envelopes(b, prefix)]
