@@ -101,8 +101,12 @@ def _amount(value: Decimal | None) -> str | None:
     return None if value is None else format_decimal(value)
 
 
-def _utc(value: datetime | None) -> datetime | None:
-    return None if value is None or value.tzinfo is UTC else value.astimezone(UTC)
+def _utc(value: datetime) -> datetime:
+    return value if value.tzinfo is UTC else value.astimezone(UTC)
+
+
+def _maybe_utc(value: datetime | None) -> datetime | None:
+    return None if value is None else _utc(value)
 
 
 def _labels(value: object) -> dict[str, str]:
@@ -123,13 +127,13 @@ def batch_of_result(result: BatchResult) -> FeedBatch | None:
         subjects.append(k.subject)
         event = FeedEvent(
             e.seq, k.host, k.epoch, k.workload, k.metric, format_decimal(u.delta),
-            _utc(u.window_start), _utc(u.window_end) or u.window_end, u.reset,
-            dict(u.labels) if u.labels else {}, _utc(u.received_at), _utc(u.sampled_at),
+            _maybe_utc(u.window_start), _utc(u.window_end), u.reset,
+            dict(u.labels) if u.labels else {}, _maybe_utc(u.received_at), _maybe_utc(u.sampled_at),
             _amount(u.clock_skew),
         )  # fmt: skip
         events.append(event)
     return FeedBatch(
-        first.batch_id, first.batch_hash, _utc(first.recorded_at) or first.recorded_at,
+        first.batch_id, first.batch_hash, _utc(first.recorded_at),
         first.seq, result.events[-1].seq, subjects, events,
     )  # fmt: skip
 
@@ -137,8 +141,8 @@ def batch_of_result(result: BatchResult) -> FeedBatch | None:
 def _event_of_row(r: asyncpg.Record) -> FeedEvent:
     return FeedEvent(
         r["seq"], r["host"], r["epoch"], r["workload"], r["metric"], format_decimal(r["delta"]),
-        _utc(r["window_start"]), _utc(r["window_end"]) or r["window_end"], r["reset"],
-        _labels(r["labels"]), _utc(r["received_at"]), _utc(r["sampled_at"]),
+        _maybe_utc(r["window_start"]), _utc(r["window_end"]), r["reset"],
+        _labels(r["labels"]), _maybe_utc(r["received_at"]), _maybe_utc(r["sampled_at"]),
         _amount(r["clock_skew_seconds"]),
     )  # fmt: skip
 
@@ -162,7 +166,7 @@ def envelopes(
         f'"batch_hash":%s,"recorded_at":%s,"first_seq":%d,"last_seq":%d,"events":['
     )
     common = (_ENCODER.encode(batch.batch_hash), _ENCODER.encode(batch.recorded_at))
-    start = max(after + 1, batch.first_seq) - batch.first_seq
+    start = max(after + 1 - batch.events[0].seq, 0) if batch.events else 0
     subject: str | None = None
     parts: list[bytes] = []
     size = 0
@@ -188,6 +192,51 @@ def envelopes(
         size += len(data) + 1
     if parts:
         yield close()
+
+
+async def committed_batches(
+    conn: asyncpg.Connection, position: int, limit: int = 20_000
+) -> list[FeedBatch]:
+    """Whole ledger batches read back from the one holding `position + 1`, about `limit` events
+    (at least one batch); events up to `position` left out."""
+    first_batch = await conn.fetchval(
+        "SELECT batch_id FROM usage_events WHERE seq = $1", position + 1
+    )
+    if first_batch is None:
+        return []
+    heads = await conn.fetch(
+        """SELECT batch_id, hash, committed_at, first_seq, last_seq FROM ledger_batches
+           WHERE batch_id >= $1 ORDER BY batch_id LIMIT 1000""",
+        first_batch,
+    )
+    chosen, count = [], 0
+    for h in heads:
+        if chosen and count >= limit:
+            break
+        chosen.append(h)
+        count += h["last_seq"] - max(h["first_seq"], position + 1) + 1
+    rows = await conn.fetch(
+        """SELECT seq, batch_id, host, epoch, subject, workload, metric, delta, window_start,
+                  window_end, reset, labels, received_at, sampled_at, clock_skew_seconds
+           FROM usage_events WHERE seq > $1 AND seq <= $2 ORDER BY seq""",
+        position,
+        chosen[-1]["last_seq"],
+    )
+    by_batch: dict[int, list[asyncpg.Record]] = {}
+    for r in rows:
+        by_batch.setdefault(r["batch_id"], []).append(r)
+    out = []
+    for h in chosen:
+        mine = by_batch.get(h["batch_id"], [])
+        if not mine:
+            break  # not visible (cannot happen: committed batches are a prefix)
+        batch = FeedBatch(
+            h["batch_id"], h["hash"], _utc(h["committed_at"]),
+            h["first_seq"], h["last_seq"], [r["subject"] for r in mine],
+            [_event_of_row(r) for r in mine],
+        )  # fmt: skip
+        out.append(batch)
+    return out
 
 
 class UsageFeed:
@@ -251,47 +300,6 @@ class UsageFeed:
             expected = b.last_seq + 1
         return out
 
-    async def _from_postgres(self, conn: asyncpg.Connection, position: int) -> list[FeedBatch]:
-        """Whole ledger batches from the one holding `position + 1`, about `self.batch` events."""
-        first_batch = await conn.fetchval(
-            "SELECT batch_id FROM usage_events WHERE seq = $1", position + 1
-        )
-        if first_batch is None:
-            return []
-        heads = await conn.fetch(
-            """SELECT batch_id, hash, committed_at, first_seq, last_seq FROM ledger_batches
-               WHERE batch_id >= $1 ORDER BY batch_id LIMIT 1000""",
-            first_batch,
-        )
-        chosen, count = [], 0
-        for h in heads:
-            if chosen and count >= self.batch:
-                break
-            chosen.append(h)
-            count += h["last_seq"] - max(h["first_seq"], position + 1) + 1
-        rows = await conn.fetch(
-            """SELECT seq, batch_id, host, epoch, subject, workload, metric, delta, window_start,
-                      window_end, reset, labels, received_at, sampled_at, clock_skew_seconds
-               FROM usage_events WHERE seq > $1 AND seq <= $2 ORDER BY seq""",
-            position,
-            chosen[-1]["last_seq"],
-        )
-        by_batch: dict[int, list[asyncpg.Record]] = {}
-        for r in rows:
-            by_batch.setdefault(r["batch_id"], []).append(r)
-        out = []
-        for h in chosen:
-            mine = by_batch.get(h["batch_id"], [])
-            if not mine:
-                break  # not visible (cannot happen: committed batches are a prefix)
-            batch = FeedBatch(
-                h["batch_id"], h["hash"], _utc(h["committed_at"]) or h["committed_at"],
-                h["first_seq"], h["last_seq"], [r["subject"] for r in mine],
-                [_event_of_row(r) for r in mine],
-            )  # fmt: skip
-            out.append(batch)
-        return out
-
     async def _publish(self, envs: Sequence[Envelope]) -> list[object]:
         # Sent in order on one connection; JetStream stores them in that order.
         return await asyncio.gather(
@@ -315,7 +323,9 @@ class UsageFeed:
             position = await conn.fetchval(
                 "SELECT seq FROM feed_positions WHERE feed = $1 FOR UPDATE", FEED
             )
-            batches = self._from_memory(position) or await self._from_postgres(conn, position)
+            batches = self._from_memory(position) or await committed_batches(
+                conn, position, self.batch
+            )
             if not batches:
                 return 0
             envs: list[Envelope] = []
