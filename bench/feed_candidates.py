@@ -31,14 +31,15 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nats
 from nats.aio.client import Client
 
-from contracts.usage import UsageBatch, UsageRecorded
-from services.ledger.feed import FeedBatch, FeedEvent, envelopes
-from services.policy.feed import decode_envelope
 from tollgate.embedded import EmbeddedNats
+
+if TYPE_CHECKING:
+    from services.ledger.feed import FeedBatch
 
 SUBJECTS = 20
 BATCH_EVENTS = 10_000
@@ -47,6 +48,8 @@ METRICS = ("cpu.used.seconds", "net.tx.wan.bytes", "log.bytes", "mem.used.byte_s
 
 def make_batches(total: int) -> list[FeedBatch]:
     """Committed ledger batches of P1's shape, seqs grouped by subject within each."""
+    from services.ledger.feed import FeedBatch, FeedEvent
+
     start = datetime.now(UTC) - timedelta(hours=1)
     out, seq = [], 1
     for b in range(1, total // BATCH_EVENTS + 1):
@@ -73,6 +76,8 @@ def make_batches(total: int) -> list[FeedBatch]:
 
 def per_event_messages(batches: list[FeedBatch]) -> list[tuple[str, bytes, str]]:
     """(subject, body, msg id) of today's feed: one UsageRecorded per event, via pydantic."""
+    from contracts.usage import UsageRecorded
+
     out = []
     for b in batches:
         for subject, e in zip(b.subjects, b.events, strict=True):
@@ -145,6 +150,8 @@ async def atomic_batches(nc: Client, msgs: list[tuple[str, bytes, str]]) -> None
 
 
 async def envelope_feed(nc: Client, batches: list[FeedBatch]) -> None:
+    from services.ledger.feed import envelopes
+
     js = nc.jetstream()
     for b in batches:
         envs = list(envelopes(b, "feedbench.c"))
@@ -165,6 +172,10 @@ async def timed(what: Callable[[], Awaitable[None]]) -> float:
 
 def decode_figures(batches: list[FeedBatch]) -> dict[str, float]:
     """Microseconds per event to decode a 1000-event envelope: pydantic vs msgspec."""
+    from contracts.usage import UsageBatch
+    from services.ledger.feed import envelopes
+    from services.policy.feed import decode_envelope
+
     body = next(envelopes(batches[0], "x")).body
     events = len(json.loads(body)["events"])
     figures = {}
@@ -181,6 +192,8 @@ def decode_figures(batches: list[FeedBatch]) -> dict[str, float]:
 
 
 async def main(total: int, rounds: int, per_event_total: int) -> None:
+    from services.ledger.feed import envelopes
+
     work = Path(tempfile.mkdtemp(prefix="tollgate-feedbench-"))
     server = EmbeddedNats(work / "nats").start()
     try:
@@ -222,10 +235,101 @@ async def main(total: int, rounds: int, per_event_total: int) -> None:
         server.stop()
 
 
+async def live(seconds: float, backlog: int) -> None:
+    """The real `tollgate ledger` and `tollgate policy` under P1's load (as fast as the ledger
+    commits, `backlog` messages outstanding): how far the feed stays behind the ledger head.
+
+    Runs on any checkout (the feed before and after issue 13): it reads only positions.
+    """
+    import asyncpg
+
+    from bench import scenarios
+    from bench.load import Fleet, Window
+    from bench.stack import Stack, service_env, start_service
+    from infra.bus import ensure_streams
+
+    stack = Stack().start()
+    services = []
+    try:
+        url = await stack.create_database("bench")
+        config = stack.work / "quotas.yaml"
+        fleet = Fleet()
+        config.write_text(scenarios.quota_config(fleet))
+        env = service_env(stack, "bench", config, 0)
+        for name in ("ledger", "policy"):
+            services.append(await start_service(name, env, stack.work / "logs"))
+        nc = await nats.connect(stack.nats_url, max_reconnect_attempts=-1)
+        await ensure_streams(nc.jetstream(), fleet.prefix, 20 * 60)
+        pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+
+        async def positions() -> tuple[int, int]:
+            try:
+                head = await pool.fetchval("SELECT last_seq FROM ledger_head WHERE id = 1")
+                fed = await pool.fetchval("SELECT seq FROM feed_positions WHERE feed = 'usage'")
+            except asyncpg.UndefinedTableError:  # the ledger has not migrated yet
+                return 0, 0
+            return int(head or 0), int(fed or 0)
+
+        pub = Window(nc.jetstream(), 128)
+        stop = asyncio.Event()
+
+        async def publisher() -> None:
+            sent = 0
+            while not stop.is_set():
+                head, _ = await positions()
+                if sent * fleet.series - head > backlog * fleet.series:
+                    await asyncio.sleep(0.02)
+                    continue
+                for subject, body, headers in fleet.messages():
+                    await pub.publish(subject, body, headers)
+                    sent += 1
+            await pub.drain()
+
+        samples: list[tuple[float, int, int]] = []
+        task = asyncio.create_task(publisher())
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            head, fed = await positions()
+            samples.append((time.perf_counter() - t0, head, fed))
+            await asyncio.sleep(0.1)
+        stop.set()
+        await task
+        end_head, end_fed = await positions()
+        t_end = time.perf_counter()
+        # Positions live in Postgres: nothing to wait on but polling.
+        while (await positions())[1] < end_head and time.perf_counter() - t_end < 600:  # noqa: ASYNC110
+            await asyncio.sleep(0.1)
+        drained = time.perf_counter() - t_end
+        warm = [x for x in samples if x[0] >= 10]  # the first 10 s create the series
+        (ta, ha, fa), (tb, hb, fb) = warm[0], warm[-1]
+        lags = []
+        for t, _, fed in warm:
+            reached = next((t2 for t2, h2, _ in samples if h2 >= fed), t)
+            lags.append(t - reached)
+        print(f"ledger {(hb - ha) / (tb - ta):,.0f} events/s, feed {(fb - fa) / (tb - ta):,.0f} "
+              f"events/s over {tb - ta:.0f} s of P1-style ingest")  # fmt: skip
+        print(f"feed behind the ledger head: max {max(h - f for _, h, f in warm):,} events, "
+              f"max {max(lags):.2f} s, p50 {sorted(lags)[len(lags) // 2]:.2f} s")  # fmt: skip
+        print(f"when ingest stopped: {end_head - end_fed:,} events not yet on the feed; "
+              f"on it {drained:.1f} s later")  # fmt: skip
+        await pool.close()
+        await nc.close()
+    finally:
+        for s in services:
+            await s.stop()
+        stack.stop()
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--events", type=int, default=100_000, help="events for (c)")
     parser.add_argument("--per-event", type=int, default=20_000, help="events for (a), (b)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--live", type=float, metavar="SECONDS", help="measure the real "
+                        "ledger's feed lag under P1-style ingest for SECONDS instead")  # fmt: skip
+    parser.add_argument("--backlog", type=int, default=3000, help="--live: messages outstanding")
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.rounds, args.per_event))
+    if args.live:
+        asyncio.run(live(args.live, args.backlog))
+    else:
+        asyncio.run(main(args.events, args.rounds, args.per_event))
