@@ -22,8 +22,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import NamedTuple
@@ -52,8 +53,12 @@ FEED = "usage"
 _HEAD_ROOM = 2048
 
 
-class FeedEvent(msgspec.Struct, frozen=True):
-    """One event of an envelope, in `UsageBatchEvent`'s field order, ready to encode."""
+class FeedEvent(msgspec.Struct, frozen=True, gc=False):
+    """One event of an envelope, in `UsageBatchEvent`'s field order, ready to encode.
+
+    Not tracked by the garbage collector (it holds no cycles): tens of thousands are made
+    per batch, and tracking them made the collector, not the encoding, the cost.
+    """
 
     seq: int
     host: str
@@ -64,22 +69,26 @@ class FeedEvent(msgspec.Struct, frozen=True):
     window_start: datetime | None
     window_end: datetime
     reset: bool
-    labels: dict[str, str]
+    labels: Mapping[str, str]
     received_at: datetime | None
     sampled_at: datetime | None
     clock_skew_seconds: str | None
 
 
 class FeedBatch(NamedTuple):
-    """A committed ledger batch as the feed publishes it: events in seq order, subjects grouped."""
+    """(Part of) a committed ledger batch as the feed publishes it: consecutive events from
+    seq `first_seq`, each as its JSON, subjects grouped."""
 
     batch_id: int
     batch_hash: str
     recorded_at: datetime
-    first_seq: int
-    last_seq: int
+    first_seq: int  # of events[0]
     subjects: list[str]  # per event
-    events: list[FeedEvent]
+    events: list[bytes]  # per event: its JSON object (`UsageBatchEvent`)
+
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.events) - 1
 
 
 class Envelope(NamedTuple):
@@ -95,10 +104,23 @@ class Envelope(NamedTuple):
 
 # Dict keys sorted: labels read back from jsonb encode exactly as those held in memory.
 _ENCODER = msgspec.json.Encoder(order="deterministic")
+_NO_LABELS: Mapping[str, str] = {}
+
+
+def encode_event(event: FeedEvent) -> bytes:
+    return _ENCODER.encode(event)
+
+
+def delta_text(value: Decimal) -> str:
+    """`format_decimal`, faster for the plain notation `str` gives most amounts."""
+    text = str(value)
+    if "E" in text:
+        return format_decimal(value)
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def _amount(value: Decimal | None) -> str | None:
-    return None if value is None else format_decimal(value)
+    return None if value is None else delta_text(value)
 
 
 def _utc(value: datetime) -> datetime:
@@ -106,7 +128,9 @@ def _utc(value: datetime) -> datetime:
 
 
 def _maybe_utc(value: datetime | None) -> datetime | None:
-    return None if value is None else _utc(value)
+    if value is None or value.tzinfo is UTC:
+        return value
+    return value.astimezone(UTC)
 
 
 def _labels(value: object) -> dict[str, str]:
@@ -120,31 +144,31 @@ def batch_of_result(result: BatchResult) -> FeedBatch | None:
         return None
     first = result.events[0]
     subjects: list[str] = []
-    events: list[FeedEvent] = []
+    events: list[bytes] = []
+    encode = _ENCODER.encode
     for e in result.events:
         u = e.usage
         k = u.key
         subjects.append(k.subject)
         event = FeedEvent(
-            e.seq, k.host, k.epoch, k.workload, k.metric, format_decimal(u.delta),
-            _maybe_utc(u.window_start), _utc(u.window_end), u.reset,
-            dict(u.labels) if u.labels else {}, _maybe_utc(u.received_at), _maybe_utc(u.sampled_at),
-            _amount(u.clock_skew),
+            e.seq, k.host, k.epoch, k.workload, k.metric, delta_text(u.delta),
+            _maybe_utc(u.window_start), _utc(u.window_end), u.reset, u.labels or _NO_LABELS,
+            _maybe_utc(u.received_at), _maybe_utc(u.sampled_at), _amount(u.clock_skew),
         )  # fmt: skip
-        events.append(event)
+        events.append(encode(event))
     return FeedBatch(
-        first.batch_id, first.batch_hash, _utc(first.recorded_at),
-        first.seq, result.events[-1].seq, subjects, events,
-    )  # fmt: skip
+        first.batch_id, first.batch_hash, _utc(first.recorded_at), first.seq, subjects, events
+    )
 
 
-def _event_of_row(r: asyncpg.Record) -> FeedEvent:
-    return FeedEvent(
-        r["seq"], r["host"], r["epoch"], r["workload"], r["metric"], format_decimal(r["delta"]),
-        _maybe_utc(r["window_start"]), _utc(r["window_end"]), r["reset"],
-        _labels(r["labels"]), _maybe_utc(r["received_at"]), _maybe_utc(r["sampled_at"]),
+def _event_of_row(r: asyncpg.Record) -> bytes:
+    event = FeedEvent(
+        r["seq"], r["host"], r["epoch"], r["workload"], r["metric"], delta_text(r["delta"]),
+        _maybe_utc(r["window_start"]), _utc(r["window_end"]), r["reset"], _labels(r["labels"]),
+        _maybe_utc(r["received_at"]), _maybe_utc(r["sampled_at"]),
         _amount(r["clock_skew_seconds"]),
     )  # fmt: skip
+    return _ENCODER.encode(event)
 
 
 def envelopes(
@@ -166,7 +190,7 @@ def envelopes(
         f'"batch_hash":%s,"recorded_at":%s,"first_seq":%d,"last_seq":%d,"events":['
     )
     common = (_ENCODER.encode(batch.batch_hash), _ENCODER.encode(batch.recorded_at))
-    start = max(after + 1 - batch.events[0].seq, 0) if batch.events else 0
+    start = max(after + 1 - batch.first_seq, 0)
     subject: str | None = None
     parts: list[bytes] = []
     size = 0
@@ -179,15 +203,14 @@ def envelopes(
         return Envelope(subject, first, last, top.encode() + b",".join(parts) + b"]}")
 
     for i in range(start, len(batch.events)):
-        event, owner = batch.events[i], batch.subjects[i]
-        data = _ENCODER.encode(event)
+        data, owner = batch.events[i], batch.subjects[i]
         if parts and (
             owner != subject or len(parts) >= max_events or size + len(data) + 1 > budget
         ):
             yield close()
             parts, size = [], 0
         if not parts:
-            subject, first = owner, event.seq
+            subject, first = owner, batch.first_seq + i
         parts.append(data)
         size += len(data) + 1
     if parts:
@@ -231,21 +254,25 @@ async def committed_batches(
         if not mine:
             break  # not visible (cannot happen: committed batches are a prefix)
         batch = FeedBatch(
-            h["batch_id"], h["hash"], _utc(h["committed_at"]),
-            h["first_seq"], h["last_seq"], [r["subject"] for r in mine],
-            [_event_of_row(r) for r in mine],
+            h["batch_id"], h["hash"], _utc(h["committed_at"]), mine[0]["seq"],
+            [r["subject"] for r in mine], [_event_of_row(r) for r in mine],
         )  # fmt: skip
         out.append(batch)
     return out
 
 
 class UsageFeed:
-    """Publishes every committed usage event once, gap-free, in ledger order, many to a message."""
+    """Publishes every committed usage event once, gap-free, in ledger order, many to a message.
+
+    `on_commit` may be called from another thread than the one `run` runs in: `tollgate
+    ledger` runs the publisher on an event loop of its own (`run_in_thread`), so the ledger's
+    CPU-bound parsing never delays a publish and publishing never delays a fetch.
+    """
 
     def __init__(
         self,
-        js: JetStreamContext,
-        pool: asyncpg.Pool,
+        js: JetStreamContext | None,
+        pool: asyncpg.Pool | None,
         prefix: str,
         batch: int = 20_000,
         max_buffered: int = 200_000,
@@ -258,64 +285,67 @@ class UsageFeed:
         self.published = 0
         self.envelopes = 0
         self.dropped = 0  # times the in-memory copy was dropped for falling behind
-        self._memory: deque[FeedBatch] = deque()
+        # Committed batches as the ledger handed them over (converted when published).
+        self._memory: deque[BatchResult] = deque()
         self._buffered = 0
+        self._lock = threading.Lock()
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def on_commit(self, result: BatchResult) -> None:
-        """The ledger committed `result`: keep it for publishing (never blocks, bounded)."""
-        batch = batch_of_result(result)
-        if batch is None:
+        """The ledger committed `result`: keep it for publishing (O(1), never blocks long)."""
+        n = len(result.events)
+        if not n:
             return
-        n = len(batch.events)
-        if self._buffered + n > self.max_buffered:
-            # Behind by more than we hold: publish from Postgres until caught up.
-            if self._memory:
-                self.dropped += 1
-                log.info(
-                    "usage feed: %d committed events not yet published; reading them from "
-                    "Postgres instead of holding them in memory", self._buffered + n,
-                )  # fmt: skip
-            self._memory.clear()
-            self._buffered = 0
+        with self._lock:
+            if self._buffered + n > self.max_buffered:
+                # Behind by more than we hold: publish from Postgres until caught up.
+                if self._memory:
+                    self.dropped += 1
+                    log.info(
+                        "usage feed: %d committed events not yet published; reading them "
+                        "from Postgres instead of holding them in memory", self._buffered + n,
+                    )  # fmt: skip
+                self._memory.clear()
+                self._buffered = 0
+            else:
+                self._memory.append(result)
+                self._buffered += n
+        loop = self._loop
+        if loop is None:
+            self._wake.set()
         else:
-            self._memory.append(batch)
-            self._buffered += n
-        self._wake.set()
+            with contextlib.suppress(RuntimeError):  # its loop closed: stopping
+                loop.call_soon_threadsafe(self._wake.set)
 
     def _forget_through(self, seq: int) -> None:
-        while self._memory and self._memory[0].last_seq <= seq:
-            self._buffered -= len(self._memory.popleft().events)
+        with self._lock:
+            while self._memory and self._memory[0].events[-1].seq <= seq:
+                self._buffered -= len(self._memory.popleft().events)
 
-    def _from_memory(self, position: int) -> list[FeedBatch]:
+    def _from_memory(self, position: int) -> list[BatchResult]:
         """Consecutive batches held in memory starting at `position + 1` (else none)."""
         self._forget_through(position)
-        out: list[FeedBatch] = []
+        with self._lock:
+            held = list(self._memory)
+        out: list[BatchResult] = []
         expected, count = position + 1, 0
-        for b in self._memory:
-            if not b.first_seq <= expected <= b.last_seq or (out and count >= self.batch):
+        for r in held:
+            first, last = r.events[0].seq, r.events[-1].seq
+            if not first <= expected <= last or (out and count >= self.batch):
                 break
-            out.append(b)
-            count += b.last_seq - expected + 1
-            expected = b.last_seq + 1
+            out.append(r)
+            count += last - expected + 1
+            expected = last + 1
         return out
 
-    async def _publish(self, envs: Sequence[Envelope]) -> list[object]:
-        # Sent in order on one connection; JetStream stores them in that order.
-        return await asyncio.gather(
-            *(
-                self.js.publish(
-                    usage_subject(e.subject, self.prefix),
-                    e.body,
-                    headers={"Nats-Msg-Id": e.msg_id},
-                )
-                for e in envs
-            ),
-            return_exceptions=True,
-        )
-
     async def publish_pending(self) -> int:
-        """Publish what is committed but not yet published; return how many events went out."""
+        """Publish what is committed but not yet published; return how many events went out.
+
+        Each envelope is sent as soon as it is built (its ack awaited with the others at the
+        end), so encoding the next overlaps JetStream storing the last.
+        """
+        assert self.pool is not None and self.js is not None, "attach a pool and JetStream"
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 "INSERT INTO feed_positions VALUES ($1, 0, now()) ON CONFLICT DO NOTHING", FEED
@@ -323,21 +353,25 @@ class UsageFeed:
             position = await conn.fetchval(
                 "SELECT seq FROM feed_positions WHERE feed = $1 FOR UPDATE", FEED
             )
-            batches = self._from_memory(position) or await committed_batches(
+            held = self._from_memory(position)
+            batches: Iterable[FeedBatch | BatchResult] = held or await committed_batches(
                 conn, position, self.batch
             )
-            if not batches:
+            sent: list[tuple[Envelope, asyncio.Task[object]]] = []
+            for source in batches:
+                batch = source if isinstance(source, FeedBatch) else batch_of_result(source)
+                assert batch is not None
+                for env in envelopes(batch, self.prefix, position):
+                    sent.append((env, asyncio.create_task(self._send(env))))
+                    await asyncio.sleep(0)  # let it go out while the next one is built
+            if not sent:
                 return 0
-            envs: list[Envelope] = []
-            for b in batches:
-                envs.extend(envelopes(b, self.prefix, position))
-                await asyncio.sleep(0)  # encoding is CPU: let the ledger's fetches in between
-            acks = await self._publish(envs)
-            done, sent = position, 0
-            for env, ack in zip(envs, acks, strict=True):
+            acks = await asyncio.gather(*(t for _, t in sent), return_exceptions=True)
+            done, count = position, 0
+            for (env, _), ack in zip(sent, acks, strict=True):
                 if isinstance(ack, BaseException):
                     break
-                done, sent = env.last_seq, sent + 1
+                done, count = env.last_seq, count + 1
             await conn.execute(
                 "UPDATE feed_positions SET seq = $2, updated_at = $3 WHERE feed = $1",
                 FEED,
@@ -349,12 +383,19 @@ class UsageFeed:
         if failed is not None:
             raise failed
         self.published += done - position
-        self.envelopes += sent
+        self.envelopes += count
         metrics.FEED_PUBLISHED.inc(done - position)
         return int(done - position)
 
+    async def _send(self, env: Envelope) -> object:
+        assert self.js is not None
+        return await self.js.publish(
+            usage_subject(env.subject, self.prefix), env.body, headers={"Nats-Msg-Id": env.msg_id}
+        )
+
     async def run(self, stop: asyncio.Event, wake: asyncio.Event | None = None) -> None:
         """Publish whenever the ledger commits (`on_commit`, or `wake`), at least once a second."""
+        self._loop = asyncio.get_running_loop()
         backoff = 0.1
         wakes = [self._wake] if wake is None else [self._wake, wake]
         while not stop.is_set():
@@ -377,6 +418,66 @@ class UsageFeed:
                 await asyncio.wait_for(_first(stop, *wakes), 1.0)
 
 
+Connections = Callable[
+    [asyncio.Event], contextlib.AbstractAsyncContextManager[tuple[JetStreamContext, asyncpg.Pool]]
+]
+
+
+async def run_in_thread(feed: UsageFeed, connect: Connections, stop: asyncio.Event) -> None:
+    """Run `feed` until `stop` on an event loop of its own, in a thread of its own.
+
+    `connect(stop)` opens its NATS connection and pool there (they belong to that loop).
+    The ledger's loop only hands committed batches over (`on_commit`); a fetch, a parse or
+    a commit there never waits for a publish, nor a publish for them.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    inner: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def main() -> None:
+        local = asyncio.Event()
+        inner.append((asyncio.get_running_loop(), local))
+        if stop.is_set():
+            return
+        async with connect(local) as (js, pool):
+            feed.js, feed.pool = js, pool
+            await feed.run(local)
+
+    def body() -> None:
+        error: BaseException | None = None
+        try:
+            asyncio.run(main())
+        except asyncio.CancelledError:
+            pass  # stopped while still connecting
+        except BaseException as exc:  # handed to the caller, who decides
+            error = exc
+
+        def finish() -> None:
+            if not done.done():
+                if error is None:
+                    done.set_result(None)
+                else:
+                    done.set_exception(error)
+
+        with contextlib.suppress(RuntimeError):  # the caller's loop is gone: nothing to tell
+            loop.call_soon_threadsafe(finish)
+
+    # A daemon: a publish stuck on a server that is gone must not hold up the process's exit.
+    threading.Thread(target=body, name="usage-feed", daemon=True).start()
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([done, waiter], return_when=asyncio.FIRST_COMPLETED)
+        if done.done():
+            done.result()
+            return
+    finally:
+        waiter.cancel()
+        for other, local in inner:
+            with contextlib.suppress(RuntimeError):
+                other.call_soon_threadsafe(local.set)
+    await done
+
+
 async def _first(*events: asyncio.Event) -> None:
     waits = [asyncio.create_task(e.wait()) for e in events]
     try:
@@ -384,8 +485,3 @@ async def _first(*events: asyncio.Event) -> None:
     finally:
         for w in waits:
             w.cancel()
-
-
-def expand(batches: Iterable[FeedBatch], prefix: str) -> list[Envelope]:
-    """Every envelope of `batches` (for tests and the benchmark)."""
-    return [e for b in batches for e in envelopes(b, prefix)]

@@ -7,10 +7,13 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from contracts import format_decimal
 from contracts.usage import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, UsageBatch
-from services.ledger.feed import FeedBatch, FeedEvent, envelopes
+from services.ledger.feed import FeedBatch, FeedEvent, delta_text, encode_event, envelopes
 from services.policy.feed import NotUsage, decode_envelope
 
 AT = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
@@ -25,9 +28,8 @@ def batch(
             first_seq + i, "node-1", "e1", f"w{i % 3}", "cpu.used.seconds", "0.000001",
             AT - timedelta(seconds=10), AT, False, dict(labels or {}), AT, AT, None,
         )  # fmt: skip
-        events.append(event)
-    last = first_seq + len(subjects) - 1
-    return FeedBatch(7, "ab" * 32, AT, first_seq, last, subjects, events)
+        events.append(encode_event(event))
+    return FeedBatch(7, "ab" * 32, AT, first_seq, subjects, events)
 
 
 def ranges(b: FeedBatch, after: int = 0, **limits: int) -> list[tuple[str, int, int]]:
@@ -78,6 +80,9 @@ def test_envelopes_are_the_contract_and_expand_to_usage_recorded() -> None:
         (3, "dave", Decimal("0.000001"), "ab" * 32, AT),
     ]
     assert records[0].labels == {"gpu_model": "H100", "a": "1"}
+    assert (records[0].window_start, records[0].received_at, records[0].sampled_at) == (
+        AT - timedelta(seconds=10), AT, AT,
+    )  # fmt: skip
     assert json.loads(records[0].to_json())["delta"] == "0.000001"  # exact, as a string
 
 
@@ -124,3 +129,10 @@ def test_negative_or_zoneless_events_are_refused() -> None:
     doc["events"][0]["window_end"] = "2026-12-02T10:00:00"
     with pytest.raises(NotUsage, match="timezone"):
         decode_envelope(json.dumps(doc).encode())
+
+
+# Up to 28 significant digits: beyond, format_decimal's normalize() rounds (delta_text does not).
+@given(st.decimals(allow_nan=False, allow_infinity=False, min_value=0, max_value=10**21, places=6))
+def test_delta_text_is_format_decimal(value: Decimal) -> None:
+    assert delta_text(value) == format_decimal(value)
+    assert delta_text(value.quantize(Decimal("0.000001"))) == format_decimal(value)
