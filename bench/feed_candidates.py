@@ -63,8 +63,8 @@ def make_batches(total: int) -> list[FeedBatch]:
             subjects.append(subject)
             delta = "10.25" if i % 4 in (0, 3) else "1000"
             event = FeedEvent(
-                seq, f"node{h}", "bench", f"node{h}-w{i // 4}", METRICS[i % 4], delta,
-                at - timedelta(seconds=10), at, False, {}, at, at, None,
+                seq, f"node{h}", "bench", f"node{h}-w{i // 4}", METRICS[i % 4], delta, at,
+                window_start=at - timedelta(seconds=10), received_at=at, sampled_at=at,
             )  # fmt: skip
             events.append(event)
             seq += 1
@@ -303,10 +303,11 @@ async def live(seconds: float, backlog: int) -> None:
         drained = time.perf_counter() - t_end
         warm = [x for x in samples if x[0] >= 10]  # the first 10 s create the series
         (ta, ha, fa), (tb, hb, fb) = warm[0], warm[-1]
+        # How long the oldest event not yet on the feed has been committed (0: none waits).
         lags = []
-        for t, _, fed in warm:
-            reached = next((t2 for t2, h2, _ in samples if h2 >= fed), t)
-            lags.append(t - reached)
+        for t, head, fed in warm:
+            waiting = next((t2 for t2, h2, _ in samples if h2 > fed), t) if head > fed else t
+            lags.append(t - waiting)
         print(f"ledger {(hb - ha) / (tb - ta):,.0f} events/s, feed {(fb - fa) / (tb - ta):,.0f} "
               f"events/s over {tb - ta:.0f} s of P1-style ingest")  # fmt: skip
         print(f"feed behind the ledger head: max {max(h - f for _, h, f in warm):,} events, "

@@ -53,8 +53,9 @@ FEED = "usage"
 _HEAD_ROOM = 2048
 
 
-class FeedEvent(msgspec.Struct, frozen=True, gc=False):
-    """One event of an envelope, in `UsageBatchEvent`'s field order, ready to encode.
+class FeedEvent(msgspec.Struct, frozen=True, gc=False, omit_defaults=True):
+    """One event of an envelope (`UsageBatchEvent`), ready to encode; fields at their default
+    (null, false, no labels) are left out of the JSON.
 
     Not tracked by the garbage collector (it holds no cycles): tens of thousands are made
     per batch, and tracking them made the collector, not the encoding, the cost.
@@ -66,13 +67,13 @@ class FeedEvent(msgspec.Struct, frozen=True, gc=False):
     workload: str
     metric: str
     delta: str
-    window_start: datetime | None
     window_end: datetime
-    reset: bool
-    labels: Mapping[str, str]
-    received_at: datetime | None
-    sampled_at: datetime | None
-    clock_skew_seconds: str | None
+    window_start: datetime | None = None
+    reset: bool = False
+    labels: Mapping[str, str] = {}
+    received_at: datetime | None = None
+    sampled_at: datetime | None = None
+    clock_skew_seconds: str | None = None
 
 
 class FeedBatch(NamedTuple):
@@ -150,9 +151,10 @@ def batch_of_result(result: BatchResult) -> FeedBatch | None:
         u = e.usage
         k = u.key
         subjects.append(k.subject)
+        # The ledger's times are UTC already: the checks are for safety, not conversion.
         event = FeedEvent(
-            e.seq, k.host, k.epoch, k.workload, k.metric, delta_text(u.delta),
-            _maybe_utc(u.window_start), _utc(u.window_end), u.reset, u.labels or _NO_LABELS,
+            e.seq, k.host, k.epoch, k.workload, k.metric, delta_text(u.delta), _utc(u.window_end),
+            _maybe_utc(u.window_start), u.reset, u.labels or _NO_LABELS,
             _maybe_utc(u.received_at), _maybe_utc(u.sampled_at), _amount(u.clock_skew),
         )  # fmt: skip
         events.append(encode(event))
@@ -164,7 +166,7 @@ def batch_of_result(result: BatchResult) -> FeedBatch | None:
 def _event_of_row(r: asyncpg.Record) -> bytes:
     event = FeedEvent(
         r["seq"], r["host"], r["epoch"], r["workload"], r["metric"], delta_text(r["delta"]),
-        _maybe_utc(r["window_start"]), _utc(r["window_end"]), r["reset"], _labels(r["labels"]),
+        _utc(r["window_end"]), _maybe_utc(r["window_start"]), r["reset"], _labels(r["labels"]),
         _maybe_utc(r["received_at"]), _maybe_utc(r["sampled_at"]),
         _amount(r["clock_skew_seconds"]),
     )  # fmt: skip

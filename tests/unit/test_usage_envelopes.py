@@ -25,8 +25,9 @@ def batch(
     events = []
     for i in range(len(subjects)):
         event = FeedEvent(
-            first_seq + i, "node-1", "e1", f"w{i % 3}", "cpu.used.seconds", "0.000001",
-            AT - timedelta(seconds=10), AT, False, dict(labels or {}), AT, AT, None,
+            first_seq + i, "node-1", "e1", f"w{i % 3}", "cpu.used.seconds", "0.000001", AT,
+            window_start=AT - timedelta(seconds=10), labels=dict(labels or {}),
+            received_at=AT, sampled_at=AT,
         )  # fmt: skip
         events.append(encode_event(event))
     return FeedBatch(7, "ab" * 32, AT, first_seq, subjects, events)
