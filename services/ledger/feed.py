@@ -139,15 +139,17 @@ def _labels(value: object) -> dict[str, str]:
     return dict(loaded) if isinstance(loaded, dict) else {}
 
 
-def batch_of_result(result: BatchResult) -> FeedBatch | None:
-    """The feed's view of a batch the ledger just committed (in memory, no read back)."""
-    if not result.events:
+def batch_of_result(result: BatchResult, lo: int = 0, hi: int | None = None) -> FeedBatch | None:
+    """The feed's view of a batch the ledger just committed (in memory, no read back), or of
+    its events [lo:hi]."""
+    chosen = result.events[lo:hi]
+    if not chosen:
         return None
-    first = result.events[0]
+    first = chosen[0]
     subjects: list[str] = []
     events: list[bytes] = []
     encode = _ENCODER.encode
-    for e in result.events:
+    for e in chosen:
         u = e.usage
         k = u.key
         subjects.append(k.subject)
@@ -161,6 +163,16 @@ def batch_of_result(result: BatchResult) -> FeedBatch | None:
     return FeedBatch(
         first.batch_id, first.batch_hash, _utc(first.recorded_at), first.seq, subjects, events
     )
+
+
+def subject_runs(result: BatchResult) -> Iterator[tuple[int, int]]:
+    """[lo, hi) of each run of one subject's events: no envelope crosses their bounds."""
+    lo = 0
+    events = result.events
+    for i in range(1, len(events) + 1):
+        if i == len(events) or events[i].usage.key.subject != events[lo].usage.key.subject:
+            yield lo, i
+            lo = i
 
 
 def _event_of_row(r: asyncpg.Record) -> bytes:
@@ -361,11 +373,17 @@ class UsageFeed:
             )
             sent: list[tuple[Envelope, asyncio.Task[object]]] = []
             for source in batches:
-                batch = source if isinstance(source, FeedBatch) else batch_of_result(source)
-                assert batch is not None
-                for env in envelopes(batch, self.prefix, position):
-                    sent.append((env, asyncio.create_task(self._send(env))))
-                    await asyncio.sleep(0)  # let it go out while the next one is built
+                # A subject's run at a time, each sent while the next is encoded.
+                if isinstance(source, FeedBatch):
+                    parts: Iterable[FeedBatch | None] = [source]
+                else:
+                    parts = (batch_of_result(source, lo, hi) for lo, hi in subject_runs(source)
+                             if source.events[hi - 1].seq > position)  # fmt: skip
+                for batch in parts:
+                    assert batch is not None
+                    for env in envelopes(batch, self.prefix, position):
+                        sent.append((env, asyncio.create_task(self._send(env))))
+                        await asyncio.sleep(0)  # it goes out while the next one is built
             if not sent:
                 return 0
             acks = await asyncio.gather(*(t for _, t in sent), return_exceptions=True)

@@ -13,7 +13,17 @@ from pydantic import ValidationError
 
 from contracts import format_decimal
 from contracts.usage import MAX_BATCH_BYTES, MAX_BATCH_EVENTS, UsageBatch
-from services.ledger.feed import FeedBatch, FeedEvent, delta_text, encode_event, envelopes
+from services.ledger.domain import SeriesKey, UsageDelta
+from services.ledger.feed import (
+    FeedBatch,
+    FeedEvent,
+    batch_of_result,
+    delta_text,
+    encode_event,
+    envelopes,
+    subject_runs,
+)
+from services.ledger.store import BatchResult, CommittedEvent
 from services.policy.feed import NotUsage, decode_envelope
 
 AT = datetime(2026, 12, 2, 10, 0, tzinfo=UTC)
@@ -137,3 +147,25 @@ def test_negative_or_zoneless_events_are_refused() -> None:
 def test_delta_text_is_format_decimal(value: Decimal) -> None:
     assert delta_text(value) == format_decimal(value)
     assert delta_text(value.quantize(Decimal("0.000001"))) == format_decimal(value)
+
+
+def test_a_batch_sent_a_subject_at_a_time_is_the_batch_sent_whole() -> None:
+    """The publisher encodes a subject's run at a time; a republish from Postgres reads the
+    batch whole: the envelopes, and so their Msg-Ids, must be the same."""
+    usage = []
+    for subject in ("a", "b", "c"):
+        for i in range(5):
+            key = SeriesKey("h", "e1", subject, f"w{i}", "log.bytes")
+            usage.append(UsageDelta(key, Decimal(i), None, AT, i, i, False, {}, AT, AT, None))
+    committed = [CommittedEvent(10 + i, 3, "cd" * 32, AT, u) for i, u in enumerate(usage)]
+    result = BatchResult(committed, 15, 0)
+    whole = batch_of_result(result)
+    assert whole is not None
+    for after in (0, 11, 14, 16):
+        sliced = [
+            e.body
+            for lo, hi in subject_runs(result)
+            for e in envelopes(batch_of_result(result, lo, hi), "t", after, max_events=2)  # type: ignore[arg-type]
+        ]
+        assert sliced == [e.body for e in envelopes(whole, "t", after, max_events=2)]
+    assert list(subject_runs(result)) == [(0, 5), (5, 10), (10, 15)]
