@@ -242,7 +242,10 @@ class UsageFollower:
         self, stop: asyncio.Event, interval: float = 0.25, patience: float = 1.0
     ) -> None:
         """Poll the ledger head: freshness for failure_mode, and catch-up when the feed lags."""
-        behind_since: float | None = None
+        # The oldest head seen that the state does not hold yet, and when it was seen: the
+        # feed lags when an event the ledger had `patience` ago is still not folded (under
+        # steady ingest the state is rarely level with the head, yet not behind).
+        behind: tuple[float, int] | None = None
         failing = False
         while not stop.is_set():
             await _wait(stop, interval)
@@ -251,13 +254,14 @@ class UsageFollower:
                 continue
             try:
                 head = await store.head_seq(self.pool)
+                if behind is not None and usage.last_seq >= behind[1]:
+                    behind = None
                 if usage.last_seq < head:
-                    behind_since = behind_since or time.monotonic()
-                    if time.monotonic() - behind_since >= patience:
+                    behind = behind or (time.monotonic(), head)
+                    if time.monotonic() - behind[0] >= patience:
                         while await self.catch_up() and usage.last_seq < head:
                             pass
-                else:
-                    behind_since = None
+                        behind = None
                 self.live.confirm_head(head, self.live.clock())
                 if failing:
                     log.info("ledger head readable again (seq %d)", head)

@@ -13,11 +13,14 @@ import logging
 from datetime import UTC, datetime
 from decimal import Decimal
 
+import asyncpg
 import pytest
 from nats.aio.client import Client
 
 from contracts.spawn import SpawnRequest
 from contracts.usage import UsageBatch, UsageBatchEvent, UsageRecorded, usage_stream, usage_subject
+from services.ledger.domain import Reading, SeriesKey
+from services.ledger.store import apply_readings
 from services.policy.feed import FOLD_SLICE, decode_envelope
 from tests.conftest import unique, wait_until
 from tests.integration.test_policy_support import GIB_HOUR, spawn
@@ -141,3 +144,23 @@ async def test_a_large_envelope_is_folded_in_slices_that_let_spawn_checks_in(
     await other
     assert live.usage.last_seq == first + 999
     assert turns >= 1000 // FOLD_SLICE
+
+
+async def test_events_the_feed_never_brings_are_read_from_the_ledger(
+    nc: Client, prefix: str, pool: asyncpg.Pool, policy_for
+) -> None:
+    """No feed publisher runs: the watcher sees the ledger head move and reads the events."""
+    dave = unique("dave")
+    policy = await policy_for(CONFIG)
+    key = SeriesKey(unique("h"), "e1", dave, "nb", "mem.alloc.byte_seconds")
+    async with pool.acquire() as conn:
+        for seq, gib_hours in enumerate(("2", "5"), 1):
+            reading = Reading(key, seq, Decimal(gib_hours) * GIB_HOUR, datetime.now(UTC))
+            await apply_readings(conn, "test", [reading], seq)
+
+    async def caught_up() -> bool:
+        (status,) = (await spawn(nc, prefix, SpawnRequest(subject=dave))).quotas
+        return status.used == Decimal(5)
+
+    await wait_until(caught_up, what="the ledger's events folded without the feed")
+    assert policy.service.live.stats.usage_catchup_events >= 2
