@@ -124,7 +124,8 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "consecutive seqs `first_seq`..`last_seq` of one subject, and the next envelope on the "
         "stream starts at `last_seq + 1`; header `Nats-Msg-Id: usage:<first_seq>-<last_seq>`. "
         "Each event expands to a `tollgate.usage_recorded.v1` (schema UsageRecorded: the "
-        "envelope's subject, batch_id, batch_hash and recorded_at with the event), the one-event "
+        "envelope's subject, batch_id, batch_hash and recorded_at with the event; an event's "
+        "fields at their default, null, false or no labels, are left out), the one-event "
         "form `GET /v1/events` and `tollgate replay --after` give; a stream written before the "
         "envelopes also holds such per-event messages (`Nats-Msg-Id: usage:<seq>`). "
         "Replayable from sequence 1. " + _stored(usage_stream(prefix)),
