@@ -45,7 +45,14 @@ from contracts.quota_events import (
 )
 from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
-from contracts.usage import UsageRecorded, usage_stream, usage_subject
+from contracts.usage import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    UsageBatch,
+    UsageRecorded,
+    usage_stream,
+    usage_subject,
+)
 from contracts.workloads import (
     WorkloadStarted,
     WorkloadStopped,
@@ -112,6 +119,8 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "is described by openapi.json beside this file.",
     )
     _add_message(doc, "workloads", WorkloadStopped)
+    # Per-event messages: what a stream written before usage_batch.v1 still holds.
+    _add_message(doc, "usage", UsageRecorded)
     _add_message(doc, "quota-events", QuotaExceeded)
     _add_message(doc, "quota-events", QuotaForecast)
     _add_message(doc, "notice", TerminationCancelled)
@@ -182,9 +191,18 @@ def _not_yet_declared(broker: NatsBroker, prefix: str) -> None:
     sends(
         _param(usage_subject, "subject", prefix),
         "usage",
-        UsageRecorded,
-        "Every committed usage event, after commit, in ledger order, gap-free; header "
-        "`Nats-Msg-Id: usage:<seq>`. Replayable from sequence 1. " + _stored(usage_stream(prefix)),
+        UsageBatch,
+        "Every committed usage event, after commit, in ledger order, gap-free, many to a "
+        "message: a `tollgate.usage_batch.v1` envelope per (ledger batch, subject, chunk of at "
+        f"most {MAX_BATCH_EVENTS} events and {MAX_BATCH_BYTES // 1024} KiB) holds the "
+        "consecutive seqs `first_seq`..`last_seq` of one subject, and the next envelope on the "
+        "stream starts at `last_seq + 1`; header `Nats-Msg-Id: usage:<first_seq>-<last_seq>`. "
+        "Each event expands to a `tollgate.usage_recorded.v1` (schema UsageRecorded: the "
+        "envelope's subject, batch_id, batch_hash and recorded_at with the event; an event's "
+        "fields at their default, null, false or no labels, are left out), the one-event "
+        "form `GET /v1/events` and `tollgate replay --after` give; a stream written before the "
+        "envelopes also holds such per-event messages (`Nats-Msg-Id: usage:<seq>`). "
+        "Replayable from sequence 1. " + _stored(usage_stream(prefix)),
     )
     sends(
         _param(terminate_subject, "host", prefix),
