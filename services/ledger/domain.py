@@ -22,7 +22,7 @@ from decimal import Decimal
 from types import MappingProxyType
 from typing import NamedTuple
 
-from contracts.samples import CounterBatch
+from contracts.samples import CounterBatch, FastCounterBatch
 
 GENESIS_HASH = "0" * 64
 _MICRO = Decimal("0.000001")
@@ -127,7 +127,7 @@ class Outcome(NamedTuple):
 
 
 def readings(
-    batch: CounterBatch, stream_seq: int = 0, arrived: Arrival | None = None
+    batch: CounterBatch | FastCounterBatch, stream_seq: int = 0, arrived: Arrival | None = None
 ) -> list[Reading]:
     """Flatten a batch into one reading per series."""
     host, epoch, seq, at, final = batch.host, batch.epoch, batch.seq, batch.sampled_at, batch.final
