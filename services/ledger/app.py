@@ -1,4 +1,10 @@
-"""The ledger service: pull sample batches, fold them, commit, then ack."""
+"""The ledger service: pull sample batches, fold them, commit, then ack.
+
+Pipelined: while one batch is in its transaction, the next is fetched, parsed and planned
+(folded, ordered, hashed, rows built) on the series states the ledger remembers
+(`ingest.SeriesCache`). At most one transaction is in flight and commits stay in order;
+a message is acked only after the transaction that folded it committed.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -22,7 +29,7 @@ from contracts.samples import samples_stream, samples_wildcard
 from infra.bus import durable_pull, fetch_ready
 from infra.deadletters import file_dead_letter
 
-from . import metrics, store
+from . import ingest, metrics, store
 from .domain import Arrival, Reading, arrival, readings
 from .errors import DeadLetter
 from .handlers import parse_sample_message
@@ -64,6 +71,8 @@ class LedgerService:
         ack_wait: float = 30.0,
         max_points: int = 50_000,
         max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+        on_commit: Callable[[store.BatchResult], None] | None = None,
+        cache_series: int = 200_000,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -91,6 +100,15 @@ class LedgerService:
         self._exit_after_commits = int(os.environ.get(FAILPOINT_EXIT_AFTER_COMMIT, "0"))
         self._commits = 0
         self._sub: JetStreamContext.PullSubscription | None = None
+        # Called with each committed batch right after its commit, before its messages are
+        # acked (so a crash in between redelivers them; they then fold to nothing). It runs
+        # on the ingest path: it must only hand the events over (say, to a queue).
+        self.on_commit = on_commit
+        self.cache = ingest.SeriesCache(cache_series)
+        # The batch in its transaction (at most one), its plan, and the last one committed.
+        self._inflight: asyncio.Task[bool] | None = None
+        self._inflight_plan: store.Plan | None = None
+        self._last_done: store.Committed | None = None
 
     async def subscribe(self) -> None:
         """Create or update the durable pull consumer, then bind to it."""
@@ -107,6 +125,12 @@ class LedgerService:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set. Faults are retried with backoff, never fatal."""
+        try:
+            await self._run(stop)
+        finally:
+            await self._settle()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         backoff = 0.1
         while not stop.is_set():
             try:
@@ -117,6 +141,8 @@ class LedgerService:
             except TimeoutError:
                 # Nothing to fetch (nats-py raises its own and the builtin TimeoutError);
                 # a message that arrives late waits in the client's queue for the next fetch.
+                if self._inflight is not None and self._inflight.done():
+                    await self._settle()  # surfaces what went wrong, if anything did
                 continue
             except (nats.errors.Error, OSError) as exc:
                 log.warning(
@@ -127,10 +153,18 @@ class LedgerService:
                 backoff = min(backoff * 2, 5.0)
                 continue
             backoff = 0.1
-            await self.handle(msgs, stop)
+            # Returns with the last chunk's transaction in flight: the next fetch overlaps it.
+            await self._ingest(msgs, stop)
 
     async def handle(self, msgs: list[Msg], stop: asyncio.Event | None = None) -> None:
-        """Fold one fetched batch: dead letters out, the rest committed, then acked.
+        """Fold one fetched batch: dead letters out, the rest committed, then acked."""
+        try:
+            await self._ingest(msgs, stop)
+        finally:
+            await self._settle()
+
+    async def _ingest(self, msgs: list[Msg], stop: asyncio.Event | None) -> bool:
+        """Parse, plan and submit `msgs` in chunks; False when stopping cut it short.
 
         The batch is committed in chunks of at most `max_points` readings, so one
         transaction (and the memory it takes) stays bounded however large the messages.
@@ -139,7 +173,9 @@ class LedgerService:
         chunk: list[Msg] = []
         items: list[Reading] = []
         skewed: list[tuple[str, str, Arrival]] = []
-        for msg in msgs:
+        for i, msg in enumerate(msgs):
+            if i % 16 == 15:
+                await asyncio.sleep(0)  # let the transaction in flight take its next step
             try:
                 msg_id = msg.headers.get("Nats-Msg-Id") if msg.headers else None
                 batch = parse_sample_message(msg.subject, msg.data, self.max_payload, msg_id)
@@ -149,16 +185,45 @@ class LedgerService:
             arrived = arrival(batch.sampled_at, received_at(msg), self.max_clock_skew)
             more = readings(batch, msg.metadata.sequence.stream, arrived)
             if chunk and len(items) + len(more) > self.max_points:
-                if not await self._commit_and_ack(chunk, items, stop):
-                    return
-                self._report_skew(skewed)
+                if not await self._submit(chunk, items, skewed, stop):
+                    return False
                 chunk, items, skewed = [], [], []
             chunk.append(msg)
             items.extend(more)
             if arrived.skew_seconds is not None:
                 skewed.append((batch.host, batch.epoch, arrived))
-        if chunk and await self._commit_and_ack(chunk, items, stop):
-            self._report_skew(skewed)
+        return not chunk or await self._submit(chunk, items, skewed, stop)
+
+    async def _submit(
+        self,
+        msgs: list[Msg],
+        items: list[Reading],
+        skewed: list[tuple[str, str, Arrival]],
+        stop: asyncio.Event | None,
+    ) -> bool:
+        """Plan a chunk while the previous one commits, then put it in flight."""
+        last_stream_seq = max(m.metadata.sequence.stream for m in msgs)
+        inflight = self._inflight is not None and not self._inflight.done()
+        before = self._inflight_plan if inflight else None
+        planned = await ingest.plan_ahead(self.pool, self.cache, items, last_stream_seq, before)
+        if not await self._settle():
+            return False  # stopping: nothing of this chunk was written; it is redelivered
+        done = self._last_done
+        if before is not None and done is not None and done.plan is before and done.as_planned:
+            assert planned.head[:3] == done.head[:3]
+            planned.head = done.head  # it follows exactly the commit it was planned after
+        elif planned.head != self.cache.head:
+            # Planned after a batch that was re-planned (or not committed): plan it again.
+            planned = await ingest.plan_ahead(self.pool, self.cache, items, last_stream_seq, None)
+        self._inflight_plan = planned
+        self._inflight = asyncio.create_task(self._commit_and_ack(msgs, planned, skewed, stop))
+        return True
+
+    async def _settle(self) -> bool:
+        """Wait for the transaction in flight; False if it was cut short by stopping."""
+        task, self._inflight = self._inflight, None
+        self._inflight_plan = None
+        return True if task is None else await task
 
     def _report_skew(self, skewed: list[tuple[str, str, Arrival]]) -> None:
         """Count committed skewed samples; log each host's epoch once, so it can be found."""
@@ -187,20 +252,30 @@ class LedgerService:
             )  # fmt: skip
 
     async def _commit_and_ack(
-        self, msgs: list[Msg], items: list[Reading], stop: asyncio.Event | None
+        self,
+        msgs: list[Msg],
+        planned: store.Plan,
+        skewed: list[tuple[str, str, Arrival]],
+        stop: asyncio.Event | None,
     ) -> bool:
-        last_stream_seq = max(m.metadata.sequence.stream for m in msgs)
         with metrics.COMMIT_SECONDS.time():
-            result = await self._commit(items, last_stream_seq, msgs, stop)
-        if result is None:
+            done = await self._commit(planned, msgs, stop)
+        if done is None:
+            self.cache.clear()  # whether it went through is unknown: read the states again
             return False  # stopping: the messages are redelivered and fold to the same result
+        self.cache.committed(done)
+        self._last_done = done
+        metrics.PLANNED_AHEAD.labels("yes" if done.as_planned else "no").inc()
         self._commits += 1
         if self._commits == self._exit_after_commits:
             log.warning("failpoint %s: exiting between commit and ack", FAILPOINT_EXIT_AFTER_COMMIT)
             os._exit(137)
+        result = done.plan.result()
+        if self.on_commit is not None and result.events:
+            self.on_commit(result)
         for msg in msgs:
             await msg.ack()
-        metrics.POINTS.inc(len(items))
+        metrics.POINTS.inc(len(done.plan.items))
         metrics.EVENTS.inc(len(result.events))
         metrics.RESETS.inc(result.resets)
         metrics.LAST_COMMIT.set_to_current_time()
@@ -215,20 +290,19 @@ class LedgerService:
                     k.host, k.epoch, k.subject, k.workload, k.metric, event.usage.delta,
                     event.seq,
                 )  # fmt: skip
+        self._report_skew(skewed)
         return True
 
     async def _commit(
-        self,
-        items: list[Reading],
-        last_stream_seq: int,
-        msgs: list[Msg],
-        stop: asyncio.Event | None,
-    ) -> store.BatchResult | None:
+        self, planned: store.Plan, msgs: list[Msg], stop: asyncio.Event | None
+    ) -> store.Committed | None:
         backoff = 0.1
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    return await store.apply_readings(conn, self.consumer, items, last_stream_seq)
+                    return await store.commit(
+                        conn, self.consumer, planned.items, planned.last_stream_seq, planned
+                    )
             except TRANSIENT as exc:
                 metrics.COMMIT_RETRIES.inc()
                 log.warning(
