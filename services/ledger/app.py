@@ -270,25 +270,25 @@ class LedgerService:
         if self._commits == self._exit_after_commits:
             log.warning("failpoint %s: exiting between commit and ack", FAILPOINT_EXIT_AFTER_COMMIT)
             os._exit(137)
-        result = done.plan.result()
-        if self.on_commit is not None and result.events:
-            self.on_commit(result)
+        p = done.plan
+        if self.on_commit is not None and p.usage:
+            self.on_commit(p.result())
         for msg in msgs:
             await msg.ack()
-        metrics.POINTS.inc(len(done.plan.items))
-        metrics.EVENTS.inc(len(result.events))
-        metrics.RESETS.inc(result.resets)
+        metrics.POINTS.inc(len(p.items))
+        metrics.EVENTS.inc(len(p.usage))
         metrics.LAST_COMMIT.set_to_current_time()
-        if result.events:
+        if p.usage:
             self.committed.set()
-        for event in result.events:
-            if event.usage.reset:
-                k = event.usage.key
+        resets = p.resets()
+        metrics.RESETS.inc(resets)
+        for seq, u in enumerate(p.usage, p.first_seq):
+            if resets and u.reset:
+                k = u.key
                 log.warning(
                     "counter reset: host=%s epoch=%s subject=%s workload=%s metric=%s "
                     "went back to %s; counted from zero (ledger seq %d)",
-                    k.host, k.epoch, k.subject, k.workload, k.metric, event.usage.delta,
-                    event.seq,
+                    k.host, k.epoch, k.subject, k.workload, k.metric, u.delta, seq,
                 )  # fmt: skip
         self._report_skew(skewed)
         return True

@@ -193,7 +193,6 @@ class Plan:
     digest: str
     records: list[tuple[object, ...]]
     rollups: list[list[object]]
-    events: list[CommittedEvent]
 
     def after(self, version: int = -1) -> Head:
         """The head once this plan is committed (by the transaction of xid `version`)."""
@@ -202,8 +201,16 @@ class Plan:
         return Head(self.first_seq + len(self.usage) - 1, self.batch_id, self.digest, version)
 
     def result(self) -> BatchResult:
-        resets = sum(1 for u in self.usage if u.reset)
-        return BatchResult(self.events, len(self.changed), resets)
+        """The committed events (built on demand: the ingest path needs only their count)."""
+        b, digest, now, new = self.batch_id, self.digest, self.now, tuple.__new__
+        events = [
+            new(CommittedEvent, (seq, b, digest, now, u))
+            for seq, u in zip(itertools.count(self.first_seq), self.usage)
+        ]
+        return BatchResult(events, len(self.changed), self.resets())
+
+    def resets(self) -> int:
+        return sum(1 for u in self.usage if u.reset)
 
 
 def series_keys(items: Iterable[Reading]) -> list[SeriesKey]:
@@ -228,13 +235,9 @@ def plan(
     now = datetime.now(UTC) if now is None else now
     batch_id, first_seq = head.last_batch + 1, head.last_seq + 1
     digest = usage_batch_hash(head.last_hash, batch_id, first_seq, usage) if usage else ""
-    events = [
-        CommittedEvent(seq, batch_id, digest, now, u)
-        for seq, u in zip(itertools.count(first_seq), usage)
-    ]
     return Plan(
         items, last_stream_seq, head, states, usage, changed, now, batch_id, first_seq, digest,
-        _event_records(first_seq, batch_id, now, usage), _rollups(usage), events,
+        _event_records(first_seq, batch_id, now, usage), _rollups(usage),
     )  # fmt: skip
 
 
