@@ -293,19 +293,31 @@ def usage_batch_hash(
     """`batch_hash` of `usage` committed from ledger sequence `first_seq` on.
 
     The same digest as hashing each delta's `chained(seq)`, without building the events:
-    the ledger hashes every batch it commits.
+    the ledger hashes every batch it commits, so the texts of its amounts and instants are
+    made once per batch and the whole text goes to sha256 in one piece.
     """
-    h = hashlib.sha256()
-    h.update(f"{prev_hash}\n{batch_id}\n".encode())
-    seq = first_seq
-    for u in usage:
+    amounts: dict[Decimal, str] = {}
+    times: dict[datetime | None, str] = {None: "-"}
+    lines = []
+    for seq, u in enumerate(usage, first_seq):
         k = u.key
-        text = _canonical(
-            seq, k.host, k.epoch, k.subject, k.workload, k.metric,
-            u.delta, u.window_start, u.window_end, u.reset,
-            u.received_at, u.sampled_at, u.clock_skew,
-        )  # fmt: skip
-        h.update(text.encode())
-        h.update(b"\n")
-        seq += 1
+        delta = amounts.get(u.delta)
+        if delta is None:
+            delta = amounts[u.delta] = canonical_decimal(u.delta)
+        start = times.get(u.window_start)
+        if start is None:
+            start = times[u.window_start] = canonical_time(u.window_start)
+        end = times.get(u.window_end)
+        if end is None:
+            end = times[u.window_end] = canonical_time(u.window_end)
+        text = (
+            f"{seq}\x1f{k.host}\x1f{k.epoch}\x1f{k.subject}\x1f{k.workload}\x1f{k.metric}"
+            f"\x1f{delta}\x1f{start}\x1f{end}\x1f{'1' if u.reset else '0'}"
+        )
+        if u.received_at is not None:
+            text += _arrival_text(u.received_at, u.sampled_at, u.clock_skew)
+        lines.append(text)
+    lines.append("")  # every event's text ends with a newline
+    h = hashlib.sha256(f"{prev_hash}\n{batch_id}\n".encode())
+    h.update("\n".join(lines).encode())
     return h.hexdigest()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import json
 import operator
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import NamedTuple
 
 import asyncpg
 
+from . import rows
 from .domain import (
     Reading,
     SeriesKey,
@@ -20,27 +20,6 @@ from .domain import (
     UsageDelta,
     fold,
     usage_batch_hash,
-)
-
-_EVENT_COLUMNS = (
-    "seq",
-    "batch_id",
-    "recorded_at",
-    "host",
-    "epoch",
-    "subject",
-    "workload",
-    "metric",
-    "delta",
-    "window_start",
-    "window_end",
-    "sample_seq",
-    "stream_seq",
-    "reset",
-    "labels",
-    "received_at",
-    "sampled_at",
-    "clock_skew_seconds",
 )
 
 
@@ -151,19 +130,6 @@ async def _save_rollups(conn: asyncpg.Connection, plan: Plan) -> None:
     )  # fmt: skip
 
 
-def _event_records(
-    first_seq: int, batch_id: int, now: datetime, usage: Sequence[UsageDelta]
-) -> list[tuple[object, ...]]:
-    """usage_events rows in _EVENT_COLUMNS order."""
-    dumps = json.dumps
-    return [
-        (seq, batch_id, now, *u.key, u.delta, u.window_start, u.window_end, u.sample_seq,
-         u.stream_seq, u.reset, dumps(dict(u.labels)) if u.labels else "{}", u.received_at,
-         u.sampled_at, u.clock_skew)
-        for seq, u in zip(itertools.count(first_seq), usage)
-    ]  # fmt: skip
-
-
 class Head(NamedTuple):
     """The ledger head row, and its version: the xmin every commit of every writer changes."""
 
@@ -191,7 +157,7 @@ class Plan:
     batch_id: int
     first_seq: int
     digest: str
-    records: list[tuple[object, ...]]
+    copy: bytes  # the usage_events rows, binary COPY (rows.COLUMNS)
     rollups: list[list[object]]
 
     def after(self, version: int = -1) -> Head:
@@ -237,7 +203,7 @@ def plan(
     digest = usage_batch_hash(head.last_hash, batch_id, first_seq, usage) if usage else ""
     return Plan(
         items, last_stream_seq, head, states, usage, changed, now, batch_id, first_seq, digest,
-        _event_records(first_seq, batch_id, now, usage), _rollups(usage),
+        rows.copy_data(first_seq, batch_id, now, usage), _rollups(usage),
     )  # fmt: skip
 
 
@@ -311,7 +277,13 @@ async def _write(conn: asyncpg.Connection, consumer: str, p: Plan) -> int:
             p.digest,
             consumer,
         )
-        await conn.copy_records_to_table("usage_events", columns=_EVENT_COLUMNS, records=p.records)
+        await conn.copy_to_table(
+            # A memoryview: asyncpg would take bytes for a file name.
+            "usage_events",
+            source=memoryview(p.copy),
+            columns=rows.COLUMNS,
+            format="binary",
+        )
     after = p.after()
     # Written even when nothing was appended: every commit moves the head's version, so a
     # writer that planned ahead of it knows its plan is stale.
