@@ -18,7 +18,7 @@ import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Context, Decimal
 from types import MappingProxyType
 from typing import NamedTuple
 
@@ -29,6 +29,8 @@ GENESIS_HASH = "0" * 64
 # the ledger builds several per reading.
 _new = tuple.__new__
 _MICRO = Decimal("0.000001")
+# Amounts have up to 32 integer digits (NUMERIC(38, 6)): more than the default context's 28.
+_WIDE = Context(prec=80)
 
 
 # The records below are NamedTuples, not frozen dataclasses: equally immutable, but built,
@@ -214,7 +216,7 @@ def fold(
 
 def canonical_decimal(value: Decimal) -> str:
     """The one text of an amount that the hash chain uses (six fractional digits)."""
-    return format(value.quantize(_MICRO), "f")
+    return format(value.quantize(_MICRO, context=_WIDE), "f")
 
 
 @functools.lru_cache(maxsize=8192)  # a batch's readings share a handful of instants
