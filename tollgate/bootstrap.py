@@ -6,12 +6,13 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import nats.errors
 from nats.aio.client import Client
 
+from infra.broker import TollgateBroker, running
 from infra.bus import close_quietly, connect, ensure_streams
 from infra.db import close_pool, connect_and_migrate, create_pool, migrate
 from infra.settings import Settings
@@ -67,6 +68,24 @@ async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Clien
         replicas=settings.stream_replicas, partitions=settings.partitions,
     )  # fmt: skip
     return nc
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    broker: TollgateBroker, settings: Settings, stop: asyncio.Event
+) -> AsyncIterator[TollgateBroker]:
+    """A service's FastStream broker for the life of the block: connected (waiting for NATS
+    until `stop`), the contract's streams in place, its subscribers started; stopped after
+    (subscribers get 2 s, then the connection is closed, not drained)."""
+
+    async def streams(b: TollgateBroker) -> None:
+        await ensure_streams(
+            b.js, settings.prefix, settings.duplicate_window_seconds,
+            replicas=settings.stream_replicas, partitions=settings.partitions,
+        )  # fmt: skip
+
+    async with running(broker, stop, before_start=streams):
+        yield broker
 
 
 async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:

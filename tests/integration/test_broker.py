@@ -18,7 +18,14 @@ from contracts.dlq import DeadLetterReason, dlq_stream
 from contracts.errors import ErrorReply
 from contracts.samples import samples_stream, samples_subject, samples_wildcard
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
-from infra.broker import TollgateBroker, error_replies, fetch_when_ready, jstream, running
+from infra.broker import (
+    TollgateBroker,
+    broker_for,
+    error_replies,
+    fetch_when_ready,
+    jstream,
+    running,
+)
 from infra.deadletters import file_dead_letter
 from tests.conftest import unique, wait_until
 from tests.integration.test_nats_auth import Secured, batch, secured, stored
@@ -145,3 +152,31 @@ async def test_a_bad_seed_fails_with_the_clear_message(
     broker = TollgateBroker(secured.url, name="ledger", seed_file=seed)
     with pytest.raises(Exception, match="TOLLGATE_NATS_NKEY_SEED_FILE"):
         await broker.connect()
+
+
+async def test_a_service_broker_serves_within_the_bootstrap_lifecycle(secured: Secured) -> None:
+    """tollgate.bootstrap.serving: streams made, subscribers started, and stopped on `stop`."""
+    from infra.settings import Settings
+    from tollgate.bootstrap import serving
+
+    s, taken, stop = secured, [], asyncio.Event()
+    settings = Settings(
+        nats_url=s.url, nats_nkey_seed_file=s.seed("ledger"), prefix=s.prefix,
+        token_secret="x",
+    )  # fmt: skip
+    broker = broker_for(settings, "tollgate-ledger")
+    _samples(broker, s.prefix, "ledger-serving", taken)
+
+    async def service() -> None:
+        async with serving(broker, settings, stop):
+            await stop.wait()
+
+    task = asyncio.create_task(service())
+    meter = TollgateBroker(s.url, name="meter", seed_file=s.seed(s.a))
+    async with running(meter, asyncio.Event()):
+        await wait_until(lambda: _true(broker.running), 10, "the broker started")
+        await meter.publish(batch(s.a, 1, 5), samples_subject(s.a, s.prefix))
+        await wait_until(lambda: _true(len(taken) == 1), 10, "the sample")
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert broker._connection is None
