@@ -14,19 +14,27 @@ import gc
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
 
 import asyncpg
 import nats.errors
+from faststream import AckPolicy, Context
+from faststream.message import StreamMessage
+from faststream.nats import PullSub
+from faststream.nats.message import NatsBatchMessage
+from faststream.nats.subscriber.usecases import BatchPullStreamSubscriber
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig
 
 from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 from contracts.errors import printable
 from contracts.partitions import partition_samples_filter
 from contracts.samples import samples_stream, samples_wildcard
+from infra.broker import TollgateBroker, fetch_when_ready, jstream
 from infra.bus import durable_pull, fetch_ready
 from infra.deadletters import file_dead_letter
 
@@ -110,6 +118,7 @@ class LedgerService:
         self._inflight: asyncio.Task[bool] | None = None
         self._inflight_plan: store.Plan | None = None
         self._last_done: store.Committed | None = None
+        self._subscriber: BatchPullStreamSubscriber | None = None
 
     async def subscribe(self) -> None:
         """Create or update the durable pull consumer, then bind to it."""
@@ -123,6 +132,45 @@ class LedgerService:
             ack_wait=self.ack_wait,
             max_ack_pending=50_000,
         )
+
+    def declare(
+        self, broker: TollgateBroker, stop: asyncio.Event, *, ready: bool = True
+    ) -> BatchPullStreamSubscriber:
+        """The samples consumer as a FastStream batch pull subscriber with manual acks.
+
+        Its handler is `ingest` on the raw messages (each decoded by msgspec, poison ones
+        dead-lettered, all acked after their commit). With `ready`, a lone sample is
+        handed over at once (`fetch_when_ready`) rather than after `fetch_timeout`.
+        Serve with `serve`; the caller connects and starts the broker.
+        """
+        subscriber = broker.subscriber(
+            self.subject,
+            stream=jstream(samples_stream(self.prefix)),
+            durable=self.consumer,
+            config=ConsumerConfig(ack_wait=self.ack_wait, max_deliver=-1, max_ack_pending=50_000),
+            pull_sub=PullSub(batch_size=self.batch, timeout=self.fetch_timeout, batch=True),
+            ack_policy=AckPolicy.MANUAL,
+            decoder=_undecoded,
+            title="samples",
+            description="Counter batches of every host, folded into the ledger.",
+        )
+        if ready:
+            fetch_when_ready(subscriber)
+
+        @subscriber
+        async def fold(bodies: list[bytes], message: Batch) -> None:
+            await self.ingest(list(message.raw_message), stop)
+
+        self._subscriber = subscriber
+        return subscriber
+
+    async def serve(self, stop: asyncio.Event) -> None:
+        """With `declare`d subscriber running: until `stop`, then settle the last commit."""
+        _fewer_collections()
+        await stop.wait()
+        if self._subscriber is not None:
+            await self._subscriber.stop()  # no new batch; then the one in flight commits
+        await self.settle()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Consume until `stop` is set. Faults are retried with backoff, never fatal."""
@@ -340,6 +388,14 @@ class LedgerService:
             msg.subject,
             printable(dead.detail, 1000),
         )
+
+
+Batch = Annotated[NatsBatchMessage, Context("message")]
+
+
+async def _undecoded(msg: StreamMessage[Any], original: Callable[..., Awaitable[Any]]) -> Any:
+    """The bodies as they came: the ledger decodes each one itself (msgspec, else pydantic)."""
+    return msg.body
 
 
 # Folding allocates some ten tuples per reading, nearly none of them in reference cycles:

@@ -11,14 +11,17 @@ from decimal import Decimal
 import asyncpg
 from nats.aio.client import Client
 
-from contracts.samples import samples_subject
+from contracts.dlq import dlq_stream
+from contracts.samples import samples_stream, samples_subject
+from infra.broker import TollgateBroker
 from services.ledger import store
 from services.ledger.app import LedgerService
 from services.ledger.domain import Arrival, Reading, SeriesKey
 from services.ledger.ingest import SeriesCache, plan_ahead
 from services.ledger.replay import verify_chain
 from tests.conftest import unique, wait_until
-from tests.integration.conftest import TRUSTED_CLOCKS, batch_json
+from tests.integration.conftest import TRUSTED_CLOCKS, batch_json, total
+from tests.servers import TestServers
 
 T0 = datetime(2026, 11, 22, 10, tzinfo=UTC)
 
@@ -147,3 +150,38 @@ async def test_on_commit_gets_every_committed_event_once_in_seq_order(
     stored = await pool.fetch("SELECT seq, subject FROM usage_events ORDER BY seq")
     assert [(e.seq, e.usage.key.subject) for e in seen] == [(r[0], r[1]) for r in stored]
     assert sum(e.usage.delta for e in seen) == 10 * (1 + 2 + 3)
+
+
+async def test_the_ledger_on_a_faststream_subscriber_commits_then_acks_and_dead_letters(
+    servers: TestServers, nc: Client, pool: asyncpg.Pool, prefix: str, streams: None
+) -> None:
+    broker = TollgateBroker(servers.nats_url, name="ledger")
+    await broker.connect()
+    stop = asyncio.Event()
+    service = LedgerService(
+        broker.nc, pool, prefix=prefix, batch=50, fetch_timeout=0.2, max_points=7,
+        max_clock_skew=TRUSTED_CLOCKS,
+    )  # fmt: skip
+    service.declare(broker, stop)
+    await broker.start()
+    serving = asyncio.create_task(service.serve(stop))
+    js = nc.jetstream()
+    host, subject = unique("h"), unique("s")
+    try:
+        for seq in range(1, 6):
+            counter = {"subject": subject, "workload": "w", "metric": "log.bytes", "value": seq}
+            await js.publish(samples_subject(host, prefix), batch_json(host, "e", seq, [counter]))
+        await js.publish(samples_subject(host, prefix), b"{not json")
+
+        async def drained() -> bool:
+            info = await js.consumer_info(samples_stream(prefix), "ledger")
+            return info.num_pending == 0 and info.num_ack_pending == 0
+
+        await wait_until(drained, what="every sample acked or dead-lettered")
+    finally:
+        stop.set()
+        await asyncio.wait_for(serving, 10)
+        await broker.stop()
+    assert await total(pool, subject, "log.bytes") == 5
+    dead = await js.stream_info(dlq_stream(prefix))
+    assert dead.state.messages == 1
