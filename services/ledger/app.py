@@ -119,6 +119,7 @@ class LedgerService:
         self._inflight_plan: store.Plan | None = None
         self._last_done: store.Committed | None = None
         self._subscriber: BatchPullStreamSubscriber | None = None
+        self._stale = 0  # commits in a row whose plan another writer's commit overtook
 
     async def subscribe(self) -> None:
         """Create or update the durable pull consumer, then bind to it."""
@@ -256,6 +257,15 @@ class LedgerService:
     ) -> bool:
         """Plan a chunk while the previous one commits, then put it in flight."""
         last_stream_seq = max(m.metadata.sequence.stream for m in msgs)
+        if self._stale >= 2 and self._commits % 8:
+            # Other writers keep moving the head (several ledgers on one database, say one
+            # per partition): planning ahead would be wasted, so fold under the lock, as
+            # before, and try planning again every 8th commit.
+            if not await self.settle():
+                return False
+            task = self._commit_and_ack(msgs, items, last_stream_seq, None, skewed, stop)
+            self._inflight = asyncio.create_task(task)
+            return True
         inflight = self._inflight is not None and not self._inflight.done()
         before = self._inflight_plan if inflight else None
         planned = await ingest.plan_ahead(self.pool, self.cache, items, last_stream_seq, before)
@@ -269,7 +279,8 @@ class LedgerService:
             # Planned after a batch that was re-planned (or not committed): plan it again.
             planned = await ingest.plan_ahead(self.pool, self.cache, items, last_stream_seq, None)
         self._inflight_plan = planned
-        self._inflight = asyncio.create_task(self._commit_and_ack(msgs, planned, skewed, stop))
+        task = self._commit_and_ack(msgs, items, last_stream_seq, planned, skewed, stop)
+        self._inflight = asyncio.create_task(task)
         return True
 
     async def settle(self) -> bool:
@@ -307,18 +318,21 @@ class LedgerService:
     async def _commit_and_ack(
         self,
         msgs: list[Msg],
-        planned: store.Plan,
+        items: list[Reading],
+        last_stream_seq: int,
+        planned: store.Plan | None,
         skewed: list[tuple[str, str, Arrival]],
         stop: asyncio.Event | None,
     ) -> bool:
         with metrics.COMMIT_SECONDS.time():
-            done = await self._commit(planned, msgs, stop)
+            done = await self._commit(items, last_stream_seq, planned, msgs, stop)
         if done is None:
             self.cache.clear()  # whether it went through is unknown: read the states again
             return False  # stopping: the messages are redelivered and fold to the same result
         self.cache.committed(done)
         self._last_done = done
         metrics.PLANNED_AHEAD.labels("yes" if done.as_planned else "no").inc()
+        self._stale = 0 if done.as_planned else self._stale + 1
         self._commits += 1
         if self._commits == self._exit_after_commits:
             log.warning("failpoint %s: exiting between commit and ack", FAILPOINT_EXIT_AFTER_COMMIT)
@@ -347,15 +361,18 @@ class LedgerService:
         return True
 
     async def _commit(
-        self, planned: store.Plan, msgs: list[Msg], stop: asyncio.Event | None
+        self,
+        items: list[Reading],
+        last_stream_seq: int,
+        planned: store.Plan | None,
+        msgs: list[Msg],
+        stop: asyncio.Event | None,
     ) -> store.Committed | None:
         backoff = 0.1
         while True:
             try:
                 async with self.pool.acquire() as conn:
-                    return await store.commit(
-                        conn, self.consumer, planned.items, planned.last_stream_seq, planned
-                    )
+                    return await store.commit(conn, self.consumer, items, last_stream_seq, planned)
             except TRANSIENT as exc:
                 metrics.COMMIT_RETRIES.inc()
                 log.warning(

@@ -185,3 +185,26 @@ async def test_the_ledger_on_a_faststream_subscriber_commits_then_acks_and_dead_
     assert await total(pool, subject, "log.bytes") == 5
     dead = await js.stream_info(dlq_stream(prefix))
     assert dead.state.messages == 1
+
+
+async def test_a_ledger_other_writers_keep_overtaking_folds_under_the_lock_and_counts_once(
+    nc: Client, pool: asyncpg.Pool, prefix: str, streams: None
+) -> None:
+    service = LedgerService(
+        nc, pool, prefix=prefix, batch=50, fetch_timeout=0.2, max_clock_skew=TRUSTED_CLOCKS
+    )
+    await service.subscribe()
+    assert service._sub is not None
+    js = nc.jetstream()
+    host, subject = unique("h"), unique("s")
+    other = SeriesKey(unique("h"), "e", subject, "w", "log.bytes")
+    for seq in range(1, 7):
+        counter = {"subject": subject, "workload": "w", "metric": "log.bytes", "value": seq * 2}
+        await js.publish(samples_subject(host, prefix), batch_json(host, "e", seq, [counter]))
+        await service.handle(await service._sub.fetch(1, timeout=5))
+        async with pool.acquire() as conn:  # another ledger commits between every two
+            await store.apply_readings(conn, "other", [Reading(other, seq, Decimal(seq), T0)], 0)
+    assert service._stale >= 2  # it stopped planning ahead
+    assert await total(pool, subject, "log.bytes") == 12 + 6
+    async with pool.acquire() as conn:
+        assert (await verify_chain(conn)).ok
