@@ -197,7 +197,10 @@ def _check_metric(value: str) -> str:
 def _utc(value: datetime) -> datetime:
     if value.tzinfo is None:
         raise ValueError("must carry a time zone, e.g. '2026-11-22T10:00:00Z'")
-    return value.astimezone(UTC)
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00: before year 1 in UTC
+        raise ValueError("is out of range once converted to UTC") from None
 
 
 def _check_quota_metric(value: str) -> str:

@@ -7,18 +7,30 @@ from pydantic import ValidationError
 from contracts import PayloadError, parse_json
 from contracts.dlq import DeadLetter, DeadLetterReason, host_of_subject, invalid
 from contracts.errors import printable
-from contracts.samples import SCHEMA, CounterBatch
+from contracts.samples import SCHEMA, CounterBatch, FastCounterBatch, decode_counter_batch
 
 
 def parse_sample_message(
     subject: str, body: bytes, max_payload: int, msg_id: str | None = None
-) -> CounterBatch:
-    """Validate one message of the samples stream; raise DeadLetter if it is unusable."""
+) -> CounterBatch | FastCounterBatch:
+    """Validate one message of the samples stream; raise DeadLetter if it is unusable.
+
+    msgspec reads what it can vouch for; everything else (poison, lax spellings) is read by
+    the CounterBatch schema, whose verdict and dead-letter detail are the reference.
+    """
     if len(body) > max_payload:
         raise DeadLetter(
             DeadLetterReason.OVERSIZE,
             f"{len(body)} bytes is over the {max_payload}-byte limit; send smaller batches",
         )
+    batch = decode_counter_batch(body)
+    if batch is None:
+        batch = validate_sample_body(body)
+    return check_origin(batch, subject, msg_id)
+
+
+def validate_sample_body(body: bytes) -> CounterBatch:
+    """The schema-of-record path: CounterBatch validates `body`, or DeadLetter says why not."""
     try:
         data = parse_json(body)
     except PayloadError as exc:
@@ -33,6 +45,13 @@ def parse_sample_message(
         batch = CounterBatch.model_validate(data)
     except ValidationError as exc:
         raise invalid(exc) from None
+    return batch
+
+
+def check_origin(
+    batch: CounterBatch | FastCounterBatch, subject: str, msg_id: str | None
+) -> CounterBatch | FastCounterBatch:
+    """A host may only publish its own counters, under the Nats-Msg-Id that names them."""
     # `<prefix>.v1.samples.<host>`, stored as `....<host>.<partition>` when partitioned.
     subject_host = host_of_subject(subject)
     if batch.host != subject_host:

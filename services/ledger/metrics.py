@@ -32,3 +32,9 @@ CLOCK_SKEW_MAX = Gauge(
     "tollgate_ledger_clock_skew_max_seconds",
     "Largest |sampled_at - received_at| of a skewed sample since the ledger started",
 )
+PLANNED_AHEAD = Counter(
+    "tollgate_ledger_planned_ahead_commits",
+    "Commits by whether the batch was planned ahead from remembered series states (yes) or "
+    "had to be folded again under the ledger head lock (no: another writer committed)",
+    ["as_planned"],
+)
