@@ -36,7 +36,7 @@ from .turns import Turns
 from .workloads import LIVE_WITHOUT_START
 
 log = logging.getLogger("tollgate.policy.enforcer")
-STEP_EVERY = 0.05  # seconds: the shortest time between two evaluations
+STEP_EVERY = 0.1  # seconds: the shortest time between two evaluations
 
 
 class Enforcer:
