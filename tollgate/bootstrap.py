@@ -115,9 +115,9 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
         service = PolicyService(
             connected.nc, pool, config, settings.prefix,
             partition=settings.partition, partitions=settings.partitions,
-            max_clock_skew=settings.max_clock_skew,
+            max_clock_skew=settings.max_clock_skew, grant_cues=False,
         )  # fmt: skip
-        channels.serve(service.checker)
+        channels.serve(service.checker, service.grants.cue)
         services.append(service)
 
     async def migrated() -> None:

@@ -13,6 +13,7 @@ p99 4.7-6.9 ms; served by hand inside the FastStream app p50 1.05-1.08 ms, p99 4
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -22,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from contracts.errors import INTERNAL_ERROR
+from contracts.grants import GrantRecorded, GrantRevoked, grants_wildcard
 from contracts.partitions import spawn_check_partition_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from infra.broker import TollgateBroker, error_replies, serve_by_hand
@@ -116,6 +118,7 @@ class PolicyChannels:
         self.prefix = prefix
         self.owns = owns or Ownership()
         self.checker: SpawnChecker | None = None
+        self.grant_cue: asyncio.Event | None = None
         self.forwarded = 0
         router = NatsRouter(middlewares=[error_replies()])
         subjects = {
@@ -138,9 +141,23 @@ class PolicyChannels:
             if hand and isinstance(broker, TollgateBroker):
                 serve_by_hand(broker, subscriber, self._answer, queue="policy")
         broker.include_router(router)
+        # Grant records, published by the API after it commits them: a cue to read what is
+        # new from Postgres now rather than at the next poll (services/policy/grantfeed.py).
+        grants = broker.subscriber(
+            grants_wildcard(prefix),
+            title="grants",
+            description="A grant recorded or revoked (by the API, after its commit): the "
+            "policy reads the grants record at once, so a grant lifts a block without delay.",
+        )
+        grants(self._cued)
 
-    def serve(self, checker: SpawnChecker) -> None:
+    def serve(self, checker: SpawnChecker, grant_cue: asyncio.Event | None = None) -> None:
         self.checker = checker
+        self.grant_cue = grant_cue
+
+    async def _cued(self, record: GrantRecorded | GrantRevoked) -> None:
+        if self.grant_cue is not None:
+            self.grant_cue.set()
 
     async def _decide(self, request: SpawnRequest) -> SpawnDecision:
         """The typed handler (TestNatsBroker, AsyncAPI): the same decision as the hand path."""

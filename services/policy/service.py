@@ -66,7 +66,10 @@ class PolicyService:
         partition: int = 0,
         partitions: int = 1,
         max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+        grant_cues: bool = True,
     ) -> None:
+        """`grant_cues=False`: the grant cues arrive through PolicyChannels, not a
+        subscription of the service's own."""
         self.pool = pool
         # Partitioned, this instance decides only for its own subjects, but follows the
         # whole usage feed and workloads stream (group pools need every member's usage),
@@ -81,7 +84,9 @@ class PolicyService:
             nc, pool, self.live, prefix, durable=f"policy-workloads{suffix}"
         )
         self.enforcer = Enforcer(nc, pool, self.live, prefix, sweep_every, owns=self.owns)
-        self.grants = GrantFollower(nc, pool, self.live, prefix, poll_every=sweep_every)
+        self.grants = GrantFollower(
+            nc, pool, self.live, prefix, poll_every=sweep_every, listen=grant_cues
+        )
         self.ready = asyncio.Event()
         self._loaded_horizon = 0
         self._tasks: list[asyncio.Task[None]] = []

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any, cast
 
 from faststream.nats import TestNatsBroker
 
+from contracts.grants import GrantRevoked, grants_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from infra.broker import TollgateBroker
 from services.policy.app import PolicyChannels
@@ -41,14 +43,14 @@ class Kept:
         pass
 
 
-def channels(serving: bool = True) -> tuple[TollgateBroker, Kept]:
+def channels(serving: bool = True, cue: asyncio.Event | None = None) -> tuple[TollgateBroker, Kept]:
     broker = TollgateBroker(name="policy-test")
     live = LiveState(ConfigSource.fixed(CONFIG), clock=lambda: NOW)
     live.usage, live.fresh_at = UsageState(), NOW
     journal = Kept()
     made = PolicyChannels(broker, PREFIX)
     if serving:
-        made.serve(SpawnChecker(live, cast(DecisionJournal, journal)))
+        made.serve(SpawnChecker(live, cast(DecisionJournal, journal)), cue)
     return broker, journal
 
 
@@ -83,3 +85,15 @@ async def test_checks_before_the_service_is_wired_get_an_error_not_silence() -> 
     async with TestNatsBroker(broker) as test:
         early = await ask(test, SpawnRequest(subject="alice"))
     assert early["schema"] == "tollgate.error.v1" and early["error"] == "internal_error"
+
+
+async def test_a_published_grant_record_cues_the_policy_to_read_the_record() -> None:
+    cue = asyncio.Event()
+    broker, _ = channels(cue=cue)
+    revoked = GrantRevoked(
+        seq=2, grant_id="g-1", scope="subject", target="alice", quota="cpu", revoked_by="admin",
+        revoked_at=NOW, reason="done", hash="0" * 64,
+    )  # fmt: skip
+    async with TestNatsBroker(broker) as test:
+        await test.publish(revoked, grants_subject("subject", "alice", PREFIX))
+    assert cue.is_set()
