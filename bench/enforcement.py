@@ -71,7 +71,9 @@ async def p4_enforcement(nc: Client, fleet: Fleet, trials: int, run: str) -> Enf
                 fut.set_result((time.perf_counter(), msg.data))
 
         async def on_usage(msg: Msg, fut: asyncio.Future[float] = fed, w: str = workload) -> None:
-            if not fut.done() and json.loads(msg.data).get("workload") == w:
+            # A tollgate.usage_batch.v1 envelope: is the crossing sample's event in it?
+            events = json.loads(msg.data).get("events", [])
+            if not fut.done() and any(e.get("workload") == w for e in events):
                 fut.set_result(time.perf_counter())
 
         subs = [

@@ -660,6 +660,24 @@ def test_dockerfile_installs_the_meters_tools_and_enters_through_tollgate() -> N
     assert "[dev]" not in dockerfile_text()
 
 
+def test_the_image_compiles_the_meters_bpf_object_as_make_does() -> None:
+    """The image's meter counts cgroups by eBPF, not by the iptables fallback."""
+    recipe = re.search(r"^\t(clang .*) -c \$< -o \$@$", (ROOT / "Makefile").read_text(), re.M)
+    assert recipe, "the Makefile no longer compiles the BPF object with clang"
+    flags = recipe[1].replace("$$", "$")
+    runs = " ".join(args for word, args in instructions() if word == "RUN")
+    compiled = re.search(r"(clang [^&]*?) \\?\s*-c (\S+) -o (\S+)", runs)
+    assert compiled, "the Dockerfile does not compile the BPF object"
+    assert " ".join(compiled[1].split()) == " ".join(flags.split())
+    assert (compiled[2], compiled[3]) == (
+        "services/meter/bpf/cgroup_net.bpf.c",
+        "services/meter/bpf/cgroup_net.bpf.o",
+    )
+    assert re.search(r"apt-get install [^&]*\blibbpf1\b", runs), "no libbpf1 at run time"
+    packaged = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "bpf/*.bpf.o" in packaged["package-data"]["services.meter"]
+
+
 @pytest.mark.parametrize("extras", ["", "gpu"])
 def test_dockerfile_requirements_step_yields_the_projects_dependencies(
     tmp_path: Path, extras: str
