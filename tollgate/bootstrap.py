@@ -9,7 +9,6 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
-import nats.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -20,7 +19,8 @@ from infra.settings import Settings
 from infra.tasks import cancel_and_wait, unless_stopped
 from services.ledger.app import LedgerService
 from services.ledger.feed import Connections, UsageFeed, run_in_thread
-from services.policy.app import SpawnCheckResponder
+from services.policy.app import PolicyChannels
+from services.policy.partitions import Ownership
 from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
 
@@ -154,15 +154,26 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
     """The policy: spawn checks, terminations, blocks and warnings from live usage."""
     assert settings.nats_url and settings.database_url
     config = ConfigSource.load(settings.config)
-    nc = await open_nats(settings, "tollgate-policy", stop)
+    broker = broker_for(settings, "tollgate-policy")
+    owns = Ownership(settings.partition, settings.partitions)
+    channels = PolicyChannels(broker, settings.prefix, owns)
     # Connects lazily: spawn checks are answered (by failure_mode) even while Postgres is away.
     pool = await create_pool(settings.database_url, min_size=0)
-    service = PolicyService(
-        nc, pool, config, settings.prefix,
-        partition=settings.partition, partitions=settings.partitions,
-        max_clock_skew=settings.max_clock_skew,
-    )  # fmt: skip
-    responder = SpawnCheckResponder(nc, settings.prefix, service.checker, service.owns)
+    services: list[PolicyService] = []
+
+    async def wired(connected: TollgateBroker) -> None:
+        # Connected, subscriptions not started yet: the checker is there before any check.
+        await ensure_streams(
+            connected.js, settings.prefix, settings.duplicate_window_seconds,
+            replicas=settings.stream_replicas, partitions=settings.partitions,
+        )  # fmt: skip
+        service = PolicyService(
+            connected.nc, pool, config, settings.prefix,
+            partition=settings.partition, partitions=settings.partitions,
+            max_clock_skew=settings.max_clock_skew, grant_cues=False,
+        )  # fmt: skip
+        channels.serve(service.checker, service.grants.cue)
+        services.append(service)
 
     async def migrated() -> None:
         async with pool.acquire() as conn:
@@ -172,18 +183,15 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGHUP, config.reload)
     try:
-        await responder.start()
-        await _retry("Postgres", migrated, stop)
-        log.info(
-            "policy enforcing %d quotas (version %s%s)",
-            len(config.current().quotas), config.version,
-            f", from {settings.config}" if settings.config else ", no quota file configured",
-        )  # fmt: skip
-        await service.run(stop)
+        async with running(broker, stop, before_start=wired):
+            await _retry("Postgres", migrated, stop)
+            log.info(
+                "policy enforcing %d quotas (version %s%s)",
+                len(config.current().quotas), config.version,
+                f", from {settings.config}" if settings.config else ", no quota file configured",
+            )  # fmt: skip
+            await services[0].run(stop)
     finally:
-        with contextlib.suppress(OSError, nats.errors.Error):  # NATS may be gone by now
-            await responder.stop()
-        await close_quietly(nc)
         await close_pool(pool)
 
 

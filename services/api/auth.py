@@ -20,7 +20,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from contracts._base import Name
 
-from .deps import AuthKeys, ClockDep, KeysDep, LimiterDep
+from .deps import AuthKeys, deps_of
 from .hub import HubAuthenticator, HubError, HubRefused
 from .metrics import RATE_LIMITED
 from .ratelimit import RateLimiter
@@ -110,11 +110,14 @@ def throttle(limiter: RateLimiter, principal: Principal) -> None:
 
 async def _principal(
     request: Request,
-    keys: KeysDep,
-    clock: ClockDep,
-    limiter: LimiterDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    # Read from the app's state rather than as three dependencies of their own: FastAPI
+    # resolves each dependency on every request, and this one is on every route.
+    state = request.app.state
+    clock = deps_of(request).clock
+    keys: AuthKeys = state.keys
+    limiter: RateLimiter = state.limiter
     header = request.headers.get("authorization")
     if not header:
         raise _unauthorized(f"No bearer token. {HOW_TO_GET_A_TOKEN}")

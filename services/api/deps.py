@@ -65,12 +65,17 @@ class ApiDeps:
         return self.bus
 
 
-async def _deps(request: Request) -> ApiDeps:
+def deps_of(request: Request) -> ApiDeps:
+    """The app's connections (a plain call, for hot paths that skip a dependency per value)."""
     deps: ApiDeps | None = getattr(request.app.state, "deps", None)
     if deps is None:
         # Only reachable when the app is served without its lifespan.
         raise HTTPException(503, "the API is still starting; retry in a moment")
     return deps
+
+
+async def _deps(request: Request) -> ApiDeps:
+    return deps_of(request)
 
 
 async def _pool(deps: Annotated[ApiDeps, Depends(_deps)]) -> asyncpg.Pool:

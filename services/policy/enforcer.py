@@ -32,9 +32,11 @@ from .orders import translate
 from .records import DecisionRecord, OutboxRow
 from .reissue import Attempt, backoff
 from .standings import View, pool_members, resolve_groups, standings_for
+from .turns import Turns
 from .workloads import LIVE_WITHOUT_START
 
 log = logging.getLogger("tollgate.policy.enforcer")
+STEP_EVERY = 0.1  # seconds: the shortest time between two evaluations
 
 
 class Enforcer:
@@ -65,14 +67,24 @@ class Enforcer:
 
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.2
+        unpublished = True  # rows left by an earlier run, or by a failed publish
+        stepped = -STEP_EVERY
         while not stop.is_set():
             await _wait(self.live.wake, 0.5)
+            # While usage streams in, every folded slice wakes us: evaluate at most every
+            # STEP_EVERY, each time for all subjects dirtied since (at rest, at once).
+            rest = stepped + STEP_EVERY - time.monotonic()
+            if rest > 0:
+                await _wait(stop, rest)
             self.live.wake.clear()
             if not self.live.ready or stop.is_set():
                 continue
+            stepped = time.monotonic()
             try:
-                await self.step()
-                await self.publish_pending()
+                unpublished = await self.step() > 0 or unpublished
+                if unpublished:
+                    await self.publish_pending()
+                    unpublished = False
                 backoff = 0.2
             except (*UNAVAILABLE, asyncpg.PostgresError, nats.errors.Error) as exc:
                 log.warning(
@@ -134,7 +146,13 @@ class Enforcer:
         cancelled: list[Cancel] = []
         opened, closed, terminations = [], [], []
         resumed, live.resumed = live.resumed, []
+        turns = Turns()
         for subject in sorted(subjects):
+            # Many subjects take a while: spawn checks are answered between two of them.
+            # Each subject is decided on the state as it is at its turn (one ledger seq,
+            # recorded with its decisions), as of the same instant and configuration.
+            if await turns.take():
+                view = live.view(view.now, config)
             groups = resolve_groups(config, live.book, subject)
             running = live.book.running_for(subject, view.usage, view.now)
             standings = standings_for(view, subject, groups, running=running)

@@ -36,6 +36,7 @@ from infra.bus import durable_pull
 from . import store
 from .journal import UNAVAILABLE
 from .live import LiveState
+from .turns import Turns
 from .usage import Applied, UsageEvent
 
 log = logging.getLogger("tollgate.policy.feed")
@@ -195,7 +196,9 @@ class UsageFollower:
         """Fold a fetched batch in order and ack it; what sits beyond a gap the ledger cannot
         fill yet goes back, to be redelivered shortly (each message is acked on its own, so
         a later ack never covers one handed back)."""
+        turns = Turns()  # a fetched batch is folded in slices: spawn checks get in between
         for i, msg in enumerate(msgs):
+            await turns.take()
             try:
                 events = decode_envelope(msg.data)
             except NotUsage as exc:
@@ -233,7 +236,7 @@ class UsageFollower:
         async with self.pool.acquire() as conn:
             events = await store.events_after(conn, usage.last_seq, limit)
         before = usage.last_seq
-        self.live.apply(events)
+        await self.live.apply_in_slices(events)
         gained = usage.last_seq - before
         self.live.stats.bump("usage_catchup_events", gained)
         return gained

@@ -33,9 +33,13 @@ class GrantFollower:
     """Reads new grant records when cued (or every `poll_every` seconds) into the live state."""
 
     def __init__(
-        self, nc: Client, pool: asyncpg.Pool, live: LiveState, prefix: str, poll_every: float
-    ) -> None:
+        self, nc: Client, pool: asyncpg.Pool, live: LiveState, prefix: str, poll_every: float,
+        listen: bool = True,
+    ) -> None:  # fmt: skip
         self.nc = nc
+        # False: the cues come from the service's declared channels (PolicyChannels), which
+        # set `cue`; they are subscribed before the service loads, so nothing falls between.
+        self.listen = listen
         self.pool = pool
         self.live = live
         self.prefix = prefix
@@ -46,7 +50,7 @@ class GrantFollower:
 
     async def start(self) -> None:
         """Listen for cues, then read the whole record (nothing falls between the two)."""
-        if self._sub is None:
+        if self.listen and self._sub is None:
             self._sub = await self.nc.subscribe(grants_wildcard(self.prefix), cb=self._cued)
             await self.nc.flush()
         await self.refresh()

@@ -97,7 +97,7 @@ class SpawnChecker:
             )
             live.holds.add(held)
             if not held.empty:
-                reservation = {"amounts": held.remaining, "expires": held.expires}
+                reservation = {"amounts": dict(held.remaining), "expires": held.expires}
         live.stats.bump("spawn_allowed" if verdict.allowed else "spawn_denied")
         statuses = [s.status(now) for s in display_standings(standings)]
         as_of = view.usage.last_seq

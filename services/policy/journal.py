@@ -1,8 +1,12 @@
-"""Spawn decisions written behind the reply: stored within milliseconds, never in the way.
+"""Spawn decisions written behind the reply: stored within a tenth of a second, never in
+the way.
 
 A spawn check answers from memory; its record (with every input) goes to Postgres in
-batches. While Postgres is away the records wait here, in order, and are written when it
-returns, so an outage slows nothing down and loses nothing short of a crash.
+batches (each batch is a few round trips to Postgres on the policy's event loop: at 200
+checks/s, 10 batches a second rather than 50), made into rows a slice at a time so checks
+arriving meanwhile are not held up. While
+Postgres is away the records wait here, in order, and are written when it returns, so an
+outage slows nothing down and loses nothing short of a crash.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import asyncpg
 from . import records, roster
 from .live import PolicyStats
 from .records import DecisionRecord
+from .turns import Turns
 
 log = logging.getLogger("tollgate.policy")
 
@@ -35,7 +40,7 @@ UNAVAILABLE = (
 )
 
 
-LINGER = 0.02  # seconds
+LINGER = 0.1  # seconds
 
 
 class DecisionJournal:
@@ -66,9 +71,14 @@ class DecisionJournal:
         taken = [self.pending.popleft() for _ in range(min(batch, len(self.pending)))]
         learned, self.groups = self.groups, {}
         try:
+            rows = []
+            turns = Turns()
+            for record in taken:
+                rows.append(record.row())  # JSON of every input: the costly part
+                await turns.take()
             async with self.pool.acquire() as conn, conn.transaction():
-                if taken:
-                    await records.save_decisions(conn, taken)
+                if rows:
+                    await records.save_decision_rows(conn, rows)
                 for subject, (groups, source, at) in learned.items():
                     await roster.learn_groups(conn, subject, groups, source, at)
         except BaseException:

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import islice
 
 from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 
@@ -24,11 +25,13 @@ from .reissue import Attempt
 from .reservations import ReservationBook
 from .source import ConfigSource
 from .standings import View
+from .turns import SLICE, Turns
 from .usage import Applied, UsageEvent, UsageState
 from .workloads import Workload, WorkloadBook
 
 log = logging.getLogger("tollgate.policy")
 Clock = Callable[[], datetime]
+FOLD_CHUNK = 32  # events folded between two looks at the clock
 
 
 def utc_now() -> datetime:
@@ -131,19 +134,40 @@ class LiveState:
     def apply(self, events: Iterable[UsageEvent]) -> Applied:
         """Fold events in order; stop at the first gap (and report it)."""
         assert self.usage is not None
+        usage, holds, dirty, stopped = self.usage, self.holds, self.dirty, self.book.stopped
+        applied = 0
+        outcome = Applied.APPLIED
         for e in events:
-            outcome = self.usage.apply(e)
-            if outcome is Applied.GAP:
+            done = usage.apply(e)
+            if done is Applied.GAP:
                 self.stats.bump("usage_feed_gaps")
-                return Applied.GAP
-            if outcome is Applied.APPLIED:
-                self.stats.bump("usage_events_applied")
-                self.holds.consume(e.subject, e.workload, e.metric, e.delta)
-                self.dirty.add(e.subject)
-                if e.workload in self.book.stopped and e.delta > 0:
+                outcome = Applied.GAP
+                break
+            if done is Applied.APPLIED:
+                applied += 1
+                holds.consume(e.subject, e.workload, e.metric, e.delta)
+                dirty.add(e.subject)
+                if e.workload in stopped and e.delta > 0:
                     self._maybe_resumed(e)
+        self.stats.bump("usage_events_applied", applied)
         if self.dirty:
             self.wake.set()
+        return outcome
+
+    async def apply_in_slices(self, events: Iterable[UsageEvent], budget: float = SLICE) -> Applied:
+        """`apply`, handing the event loop back every `budget` seconds of folding.
+
+        A spawn check that arrives meanwhile is answered between two slices, from the state
+        as of the last event folded (a prefix of the batch, so still one ledger seq). Other
+        tasks may fold too in between: events are folded by seq, so whatever they fold
+        first is a duplicate here, and a gap stops the batch as in `apply`.
+        """
+        it = iter(events)
+        turns = Turns(budget)
+        while chunk := list(islice(it, FOLD_CHUNK)):
+            if self.apply(chunk) is Applied.GAP:
+                return Applied.GAP
+            await turns.take()
         return Applied.APPLIED
 
     def _maybe_resumed(self, e: UsageEvent) -> None:

@@ -89,7 +89,12 @@ _INSERT_DECISION = """
 
 
 async def save_decisions(conn: asyncpg.Connection, records: Sequence[DecisionRecord]) -> None:
-    await conn.executemany(_INSERT_DECISION, [r.row() for r in records])
+    await save_decision_rows(conn, [r.row() for r in records])
+
+
+async def save_decision_rows(conn: asyncpg.Connection, rows: Sequence[tuple[Any, ...]]) -> None:
+    """Decisions already made into rows (`DecisionRecord.row`)."""
+    await conn.executemany(_INSERT_DECISION, rows)
 
 
 async def save_plan(

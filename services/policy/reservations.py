@@ -32,10 +32,13 @@ class Reservation:
     def empty(self) -> bool:
         return all(v <= 0 for v in self.remaining.values())
 
+    @property
+    def deadline(self) -> datetime:
+        """The hold is live strictly before this instant and never again after it."""
+        return self.expires if self.started else min(self.expires, self.created + START_TIMEOUT)
+
     def live(self, now: datetime) -> bool:
-        if now >= self.expires:
-            return False
-        return self.started or now < self.created + START_TIMEOUT
+        return now < self.deadline
 
 
 def hold(
@@ -48,13 +51,45 @@ def hold(
     return Reservation(decision_id, subject, workload, kept, now, expires)
 
 
+@dataclass
+class _Sum:
+    """What a subject holds on one metric, valid for any `now` in [lo, hi): no hold's
+    deadline lies in between, so the same holds are live there."""
+
+    total: Decimal
+    lo: datetime | None  # the latest deadline at or before the instant it was summed at
+    hi: datetime | None  # the earliest deadline after it
+
+    def count(self, r: Reservation, amount: Decimal) -> bool:
+        """Take a new hold into the sum; False when it no longer holds for one interval."""
+        d = r.deadline
+        if self.hi is not None and d >= self.hi:  # live throughout
+            self.total += amount
+        elif self.lo is not None and d <= self.lo:  # ended before it
+            pass
+        elif (self.lo is None or self.lo <= r.created) and r.created < d:
+            # It ends inside: keep the part that holds from its creation, the next check's now.
+            self.total += amount
+            self.hi = d
+        else:
+            return False
+        return True
+
+
 class ReservationBook:
-    """Every hold in force, by decision id, subject and workload."""
+    """Every hold in force, by decision id, subject and workload.
+
+    A check reads what a subject holds on each of its quotas' metrics: that sum is kept per
+    (subject, metric) until a hold of the subject changes or time passes one of their
+    deadlines, so a subject with many holds costs one lookup per quota, not one per hold.
+    """
 
     def __init__(self) -> None:
         self.items: dict[str, Reservation] = {}
         self._by_subject: dict[str, dict[str, Reservation]] = {}
         self._by_workload: dict[str, dict[str, Reservation]] = {}
+        self._unnamed: dict[str, dict[str, Reservation]] = {}  # subject -> holds without workload
+        self._sums: dict[str, dict[str, _Sum]] = {}  # subject -> metric -> sum
 
     def add(self, r: Reservation) -> None:
         if r.empty:
@@ -63,14 +98,24 @@ class ReservationBook:
         self._by_subject.setdefault(r.subject, {})[r.decision_id] = r
         if r.workload is not None:
             self._by_workload.setdefault(r.workload, {})[r.decision_id] = r
+        else:
+            self._unnamed.setdefault(r.subject, {})[r.decision_id] = r
+        sums = self._sums.get(r.subject, {})
+        for metric, kept in list(sums.items()):
+            if not kept.count(r, r.remaining.get(metric, ZERO)):
+                del sums[metric]
 
     def _drop(self, r: Reservation) -> None:
         self.items.pop(r.decision_id, None)
-        for index, key in ((self._by_subject, r.subject), (self._by_workload, r.workload)):
+        unnamed = r.subject if r.workload is None else None
+        for index, key in (
+            (self._by_subject, r.subject), (self._by_workload, r.workload), (self._unnamed, unnamed)
+        ):  # fmt: skip
             if key is not None and key in index:
                 index[key].pop(r.decision_id, None)
                 if not index[key]:
                     del index[key]
+        self._sums.pop(r.subject, None)
 
     def of(self, subject: str) -> list[Reservation]:
         return list(self._by_subject.get(subject, {}).values())
@@ -79,19 +124,45 @@ class ReservationBook:
         """What is held on `metric` for any of `subjects` (one, or a group pool's members)."""
         total = ZERO
         for s in set(subjects):
-            for r in self._by_subject.get(s, {}).values():
-                if r.live(now):
-                    total += r.remaining.get(metric, ZERO)
+            holds = self._by_subject.get(s)
+            if holds:
+                total += self._sum(s, holds, metric, now)
+        return total
+
+    def _sum(
+        self, subject: str, holds: dict[str, Reservation], metric: str, now: datetime
+    ) -> Decimal:
+        sums = self._sums.setdefault(subject, {})
+        cached = sums.get(metric)
+        if (
+            cached is not None
+            and (cached.lo is None or cached.lo <= now)
+            and (cached.hi is None or now < cached.hi)
+        ):
+            return cached.total
+        total, lo, hi = ZERO, None, None
+        for r in holds.values():
+            deadline = r.deadline
+            if now < deadline:
+                total += r.remaining.get(metric, ZERO)
+                hi = deadline if hi is None else min(hi, deadline)
+            else:
+                lo = deadline if lo is None else max(lo, deadline)
+        sums[metric] = _Sum(total, lo, hi)
         return total
 
     def consume(self, subject: str, workload: str, metric: str, amount: Decimal) -> None:
         """Real usage replaces held usage: the workload's own hold first, else an unnamed one."""
-        named = list(self._by_workload.get(workload, {}).values())
-        candidates = named or sorted(
-            (r for r in self._by_subject.get(subject, {}).values() if r.workload is None),
-            key=lambda r: r.created,
-        )
+        named = self._by_workload.get(workload)
+        if named:
+            candidates = list(named.values())
+        else:
+            unnamed = self._unnamed.get(subject)
+            if not unnamed:
+                return
+            candidates = sorted(unnamed.values(), key=lambda r: r.created)
         for r in candidates:
+            self._sums.pop(r.subject, None)
             r.started = True
             held = r.remaining.get(metric, ZERO)
             if held <= 0 or amount <= 0:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from datetime import timedelta
@@ -34,6 +35,18 @@ SENT_MEMORY = timedelta(days=45)
 COMPACT_EVERY = 600.0
 
 
+def settle_heap() -> None:
+    """Take what is loaded now (modules, the usage snapshot) out of the cycle collector's
+    scans, with one full collection first.
+
+    Measured on the policy under bench load: full collections of its heap took up to 69 ms
+    of CPU, four times a minute, each a stall of every spawn check waiting behind it. What
+    is frozen is still freed when nothing refers to it; only cycles among it are kept.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def minute_metrics(config: PolicyConfig) -> frozenset[str]:
     """Metrics with a workload_hour quota: kept in minute buckets for running workloads."""
     return frozenset(q.metric for q in config.quotas if q.window.workload_hour)
@@ -53,7 +66,10 @@ class PolicyService:
         partition: int = 0,
         partitions: int = 1,
         max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+        grant_cues: bool = True,
     ) -> None:
+        """`grant_cues=False`: the grant cues arrive through PolicyChannels, not a
+        subscription of the service's own."""
         self.pool = pool
         # Partitioned, this instance decides only for its own subjects, but follows the
         # whole usage feed and workloads stream (group pools need every member's usage),
@@ -68,7 +84,9 @@ class PolicyService:
             nc, pool, self.live, prefix, durable=f"policy-workloads{suffix}"
         )
         self.enforcer = Enforcer(nc, pool, self.live, prefix, sweep_every, owns=self.owns)
-        self.grants = GrantFollower(nc, pool, self.live, prefix, poll_every=sweep_every)
+        self.grants = GrantFollower(
+            nc, pool, self.live, prefix, poll_every=sweep_every, listen=grant_cues
+        )
         self.ready = asyncio.Event()
         self._loaded_horizon = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -139,6 +157,7 @@ class PolicyService:
         await self._load_with_retry(stop)
         if stop.is_set():
             return
+        settle_heap()
         self.ready.set()
         self._tasks = [
             asyncio.create_task(self.usage.run(stop), name="policy-usage-feed"),
@@ -204,3 +223,4 @@ class PolicyService:
                     floor_hour(now - hours * HOUR), set(self.live.book.running), now
                 )
                 self._loaded_horizon = hours  # older hours are now folded into totals
+                settle_heap()

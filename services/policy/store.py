@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -161,8 +161,11 @@ def _event(r: asyncpg.Record) -> UsageEvent:
     )  # fmt: skip
 
 
-async def events_after(conn: asyncpg.Connection, after: int, limit: int) -> list[UsageEvent]:
-    """Committed usage events with seq > `after`, in order: the ledger is the outbox too."""
+async def events_after(conn: asyncpg.Connection, after: int, limit: int) -> Iterator[UsageEvent]:
+    """Committed usage events with seq > `after`, in order: the ledger is the outbox too.
+
+    Made as they are folded (thousands of rows become events in the fold's slices, not in
+    one stretch before it)."""
     rows = await conn.fetch(
         """SELECT seq, subject, workload, host, metric, delta, window_end,
                   labels->>'gpu_model' AS gpu_model FROM usage_events
@@ -170,7 +173,7 @@ async def events_after(conn: asyncpg.Connection, after: int, limit: int) -> list
         after,
         limit,
     )
-    return [_event(r) for r in rows]
+    return map(_event, rows)
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,9 @@ class UsageState:
     minutes: dict[tuple[str, str], Buckets] = field(default_factory=dict)
     seen: dict[str, Seen] = field(default_factory=dict)
     by_subject: dict[str, set[str]] = field(default_factory=dict)  # subject -> workloads seen
+    _hour_of: tuple[datetime | None, datetime] = field(
+        default=(None, datetime.min), repr=False, compare=False
+    )  # the last event time folded, and its hour
 
     def apply(self, event: UsageEvent) -> Applied:
         """Fold one event if it is the next in sequence."""
@@ -154,17 +157,18 @@ class UsageState:
 
     def add(self, e: UsageEvent) -> None:
         """Count one event's usage (no sequence check: snapshot loading and `apply`)."""
-        hour = floor_hour(e.at)
-        self.subjects.setdefault((e.subject, e.metric), Buckets()).add(hour, e.delta)
+        # The readings of one sample share its time: its hour is worked out once.
+        if e.at is not self._hour_of[0]:
+            self._hour_of = (e.at, floor_hour(e.at))
+        hour = self._hour_of[1]
+        _buckets(self.subjects, (e.subject, e.metric)).add(hour, e.delta)
         if self.pricebook is not None and e.metric in self.pricebook.metrics:
             cost = self.pricebook.cost(e.metric, e.gpu_model, hour, e.delta)
             if cost:
-                self.subjects.setdefault((e.subject, COST), Buckets()).add(hour, cost)
-        self.workloads.setdefault((e.workload, e.metric), Buckets()).add(hour, e.delta)
+                _buckets(self.subjects, (e.subject, COST)).add(hour, cost)
+        _buckets(self.workloads, (e.workload, e.metric)).add(hour, e.delta)
         if e.metric in self.minute_metrics:
-            self.minutes.setdefault((e.workload, e.metric), Buckets()).add(
-                floor_minute(e.at), e.delta
-            )
+            _buckets(self.minutes, (e.workload, e.metric)).add(floor_minute(e.at), e.delta)
         self.note(e.workload, e.subject, e.host, e.at)
 
     def note(
@@ -258,3 +262,10 @@ class UsageState:
 
 
 DAY = timedelta(days=1)
+
+
+def _buckets(index: dict[tuple[str, str], Buckets], key: tuple[str, str]) -> Buckets:
+    found = index.get(key)
+    if found is None:
+        found = index[key] = Buckets()
+    return found

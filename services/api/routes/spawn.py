@@ -16,17 +16,19 @@ import uuid
 
 import asyncpg
 import nats.errors
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request, Response
 from pydantic import ValidationError
 
 from contracts.errors import ERROR_SCHEMA, INTERNAL_ERROR
-from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
+from contracts.spawn import SpawnRequest, spawn_check_subject
+from services.policy.config import PolicyConfig
 
 from ..auth import SpawnCaller
-from ..deps import ClockDep, ConfigDep, DepsDep, OptionsDep
+from ..deps import ApiDeps, Clock, deps_of
 from ..errors import UNAVAILABLE
 from ..metrics import SPAWN_CHECKS
-from ..models import QuotaStatusPublic, SpawnDecisionPublic
+from ..models import SpawnDecisionPublic
+from ..options import ApiOptions
 from ..records import ApiDecision, record_decision
 
 router = APIRouter(tags=["spawn checks"])
@@ -48,26 +50,25 @@ class PolicyUnavailable(Exception):
         502: {},
     },
 )
-async def post_spawn_check(
-    body: SpawnRequest,
-    _: SpawnCaller,
-    deps: DepsDep,
-    config: ConfigDep,
-    options: OptionsDep,
-    clock: ClockDep,
-) -> SpawnDecisionPublic:
+async def post_spawn_check(body: SpawnRequest, request: Request, _: SpawnCaller) -> Response:
     """May this subject start this workload? The policy's decision, with a human sentence."""
+    # The hot path of the API: what it needs is read from the app's state rather than as
+    # dependencies, and the reply is validated once, from its JSON, into the response.
+    deps = deps_of(request)
+    options: ApiOptions = request.app.state.options
     subject = spawn_check_subject(deps.prefix)
     try:
         reply = await _ask(deps, subject, body, options.spawn_check_timeout)
     except PolicyUnavailable as exc:
-        return await _by_failure_mode(deps, config, clock, body, str(exc))
-    decision = _decision(reply)
-    SPAWN_CHECKS.labels("allowed" if decision.allowed else "denied").inc()
-    return _public(decision)
+        config = deps.config.current()
+        public = await _by_failure_mode(deps, config, deps.clock, body, str(exc))
+    else:
+        public = _decision(reply)
+        SPAWN_CHECKS.labels("allowed" if public.allowed else "denied").inc()
+    return Response(public.model_dump_json(by_alias=True), media_type="application/json")
 
 
-async def _ask(deps: DepsDep, subject: str, body: SpawnRequest, timeout: float) -> bytes:
+async def _ask(deps: ApiDeps, subject: str, body: SpawnRequest, timeout: float) -> bytes:
     bus, nc = deps.channels(), deps.nc
     if bus is None or nc is None or not nc.is_connected:
         raise PolicyUnavailable(f"the API is not connected to NATS at {deps.nats_address}")
@@ -82,7 +83,12 @@ async def _ask(deps: DepsDep, subject: str, body: SpawnRequest, timeout: float) 
     return bytes(msg.body)
 
 
-def _decision(reply: bytes) -> SpawnDecision:
+def _decision(reply: bytes) -> SpawnDecisionPublic:
+    """The policy's decision as the response (the same fields), or the HTTP error it calls for."""
+    try:
+        return SpawnDecisionPublic.model_validate_json(reply)
+    except ValidationError:
+        pass  # an error reply, or not a decision at all: find out which
     try:
         data = json.loads(reply)
     except ValueError:
@@ -95,31 +101,16 @@ def _decision(reply: bytes) -> SpawnDecision:
             raise HTTPException(502, f"{message} (the policy failed; retry, or see its log)")
         SPAWN_CHECKS.labels("refused").inc()
         raise HTTPException(422, message)
-    try:
-        return SpawnDecision.model_validate(data)
-    except ValidationError:
-        SPAWN_CHECKS.labels("unreadable").inc()
-        log.error("the policy's reply to a spawn check is not a decision: %.200r", reply)
-        raise HTTPException(
-            502, "the policy's reply is not a spawn decision; check that the policy and the API "
-            "run the same Tollgate version"
-        ) from None  # fmt: skip
-
-
-def _public(d: SpawnDecision) -> SpawnDecisionPublic:
-    return SpawnDecisionPublic(
-        decision_id=d.decision_id,
-        allowed=d.allowed,
-        reason=d.reason,
-        message=d.message,
-        quotas=[QuotaStatusPublic.model_validate(q.model_dump()) for q in d.quotas],
-        fail_open=d.fail_open,
-        retry_at=d.retry_at,
-    )
+    SPAWN_CHECKS.labels("unreadable").inc()
+    log.error("the policy's reply to a spawn check is not a decision: %.200r", reply)
+    raise HTTPException(
+        502, "the policy's reply is not a spawn decision; check that the policy and the API "
+        "run the same Tollgate version"
+    )  # fmt: skip
 
 
 async def _by_failure_mode(
-    deps: DepsDep, config: ConfigDep, clock: ClockDep, body: SpawnRequest, why: str
+    deps: ApiDeps, config: PolicyConfig, clock: Clock, body: SpawnRequest, why: str
 ) -> SpawnDecisionPublic:
     allowed = config.failure_mode == "open"
     if allowed:
