@@ -108,44 +108,58 @@ class RebuildResult:
         return self.missing == 0 and self.extra == 0
 
 
-_REBUILT = """SELECT subject, metric, date_trunc('hour', window_end, 'UTC') AS hour,
-                       workload, host, sum(delta)::numeric(38, 6) AS total,
-                       count(*)::integer AS events,
-                       coalesce(labels->>'gpu_model', '') AS gpu_model
-                FROM usage_events GROUP BY 1, 2, 3, 4, 5, 8"""
+# The hourly rollup as the events imply it. `hour` is the UTC hour: rebuild_rollups sets the
+# transaction's time zone to UTC, where date_trunc's two-argument form (cheaper than naming
+# the zone on every row) truncates to the same hour the ledger's writer does.
+REBUILT = """SELECT subject, metric, date_trunc('hour', window_end) AS hour,
+                      workload, host, sum(delta)::numeric(38, 6) AS total,
+                      count(*)::integer AS events,
+                      coalesce(labels->>'gpu_model', '') AS gpu_model
+               FROM usage_events GROUP BY 1, 2, 3, 4, 5, 8"""
+
+# One aggregate over the events and the projection together, so the comparison costs one
+# more row per projection row in the same hash or sort, not a second hash of every rebuilt
+# row and a join. Per key: `s` = sum of the events' deltas less the projection's total,
+# `c` = the events counted less the projection's count, `p` = projection rows (0 or 1: it is
+# the primary key), `n` = rows in the group, of which n - p are events. A row matches
+# exactly when both sides exist and s = 0 and c = 0 (numeric arithmetic: exact).
+_COMPARE = """
+    WITH both_sides AS (
+        SELECT subject, metric, date_trunc('hour', window_end) AS hour, workload, host,
+               coalesce(labels->>'gpu_model', '') AS gpu_model, delta AS x, 1 AS k, 0 AS p
+        FROM usage_events
+        UNION ALL
+        SELECT subject, metric, hour, workload, host, gpu_model, -total, -events, 1
+        FROM usage_hourly),
+    keyed AS (
+        SELECT sum(x) AS s, sum(k) AS c, sum(p) AS p, count(*) AS n
+        FROM both_sides GROUP BY subject, metric, hour, workload, host, gpu_model)
+    SELECT count(*) FILTER (WHERE n > p) AS rows,
+           count(*) FILTER (WHERE n > p AND (p = 0 OR s <> 0 OR c <> 0)) AS missing,
+           count(*) FILTER (WHERE p > 0 AND (n = p OR s <> 0 OR c <> 0)) AS extra
+    FROM keyed"""
 
 
 async def rebuild_rollups(conn: asyncpg.Connection, apply: bool = True) -> RebuildResult:
     """Recompute `usage_hourly` from `usage_events`; compare; replace it when `apply`.
 
     The ledger head is locked meanwhile, so no batch commits between reading the events
-    and writing the projection. The comparison is one pass: the events' GROUP BY hash-joined
-    to the projection (a row that differs counts as missing and as extra, as with EXCEPT),
-    so a rebuild that finds nothing to do costs little more than the GROUP BY itself.
+    and writing the projection. Every row the events imply is compared exactly with the
+    projection's row of the same key (a row that differs counts as missing and as extra, as
+    with EXCEPT) in one pass (`_COMPARE`), so a rebuild that finds nothing to do costs
+    little more than the GROUP BY itself; only a projection that differs is rewritten.
     """
     async with conn.transaction():
+        await conn.execute("SET LOCAL TimeZone = 'UTC'")
         await conn.execute("SELECT 1 FROM ledger_head WHERE id = 1 FOR UPDATE")
-        found = await conn.fetchrow(
-            f"""WITH rebuilt AS ({_REBUILT})
-                SELECT count(r.subject) AS rows,
-                       count(*) FILTER (WHERE r.subject IS NOT NULL AND (h.subject IS NULL
-                           OR (r.total, r.events) IS DISTINCT FROM (h.total, h.events)))
-                           AS missing,
-                       count(*) FILTER (WHERE h.subject IS NOT NULL AND (r.subject IS NULL
-                           OR (r.total, r.events) IS DISTINCT FROM (h.total, h.events)))
-                           AS extra
-                FROM rebuilt r FULL JOIN usage_hourly h
-                  ON r.subject = h.subject AND r.metric = h.metric AND r.hour = h.hour
-                 AND r.workload = h.workload AND r.host = h.host
-                 AND r.gpu_model = h.gpu_model"""
-        )
+        found = await conn.fetchrow(_COMPARE)
         assert found is not None
         rows, missing, extra = found["rows"], found["missing"], found["extra"]
         if apply and (missing or extra):
             await conn.execute("DELETE FROM usage_hourly")
             await conn.execute(
                 "INSERT INTO usage_hourly (subject, metric, hour, workload, host, total, events,"
-                f" gpu_model) {_REBUILT}"
+                f" gpu_model) {REBUILT}"
             )
     return RebuildResult(int(rows), int(missing), int(extra))
 
