@@ -139,9 +139,16 @@ async def p6_rebuild(stack: Stack, conn: asyncpg.Connection, database: str) -> R
     await conn.fetchval(GROUP_BY)  # warm the cache for both
     group_by = await _best_of(conn, GROUP_BY)
     unsummed = await _best_of(conn, GROUP_BY_UNSUMMED)
-    t0 = time.perf_counter()
-    found = await rebuild_rollups(conn, apply=False)
-    in_process = time.perf_counter() - t0
+    # As the command does: as many more connections as Postgres gives one parallel query.
+    more = int(await conn.fetchval("SELECT current_setting('max_parallel_workers_per_gather')"))
+    helpers = [await asyncpg.connect(stack.db_url(database)) for _ in range(more)]
+    try:
+        t0 = time.perf_counter()
+        found = await rebuild_rollups(conn, apply=False, helpers=helpers)
+        in_process = time.perf_counter() - t0
+    finally:
+        for h in helpers:
+            await h.close()
     if not found.identical:
         raise RuntimeError(f"the seeded ledger's rollups differ from its events: {found}")
     env = service_env(stack, database, stack.work / "p5-quotas.yaml", 0)

@@ -164,3 +164,19 @@ async def test_every_kind_of_projection_damage_is_told_apart(pool: asyncpg.Pool)
         assert (check.missing, check.extra) == (2, 2)
         await rebuild_rollups(conn)
         assert (await rebuild_rollups(conn, apply=False)).identical
+
+
+async def test_the_comparison_split_over_several_connections_sees_every_key_once(
+    pool: asyncpg.Pool,
+) -> None:
+    await seed(pool)
+    await pool.execute(
+        "UPDATE usage_hourly SET total = total + 1 WHERE ctid IN "
+        "(SELECT ctid FROM usage_hourly ORDER BY workload, hour LIMIT 3)"
+    )
+    async with pool.acquire() as conn, pool.acquire() as a, pool.acquire() as b:
+        alone = await rebuild_rollups(conn, apply=False)
+        split = await rebuild_rollups(conn, apply=False, helpers=[a, b])
+        assert split == alone and (alone.missing, alone.extra) == (3, 3)
+        await rebuild_rollups(conn, helpers=[a])
+        assert (await rebuild_rollups(conn, apply=False, helpers=[a, b])).identical

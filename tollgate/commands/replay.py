@@ -97,11 +97,16 @@ def _report_grants(v: ChainCheck) -> bool:
 
 async def _rebuild(check_only: bool) -> int:
     conn = await _connect()
+    helpers: list[asyncpg.Connection] = []
     try:
+        # As many more processes as Postgres would give one parallel query.
+        more = int(await conn.fetchval("SELECT current_setting('max_parallel_workers_per_gather')"))
+        helpers = list(await asyncio.gather(*(_connect() for _ in range(more))))
         with console.status("rebuilding hourly rollups from the events"):
-            result = await rebuild_rollups(conn, apply=not check_only)
+            result = await rebuild_rollups(conn, apply=not check_only, helpers=helpers)
     finally:
-        await conn.close()
+        for c in [conn, *helpers]:
+            await c.close()
     if result.identical:
         console.print(f"[green]identical[/]: {result.rows} rollup rows match the events")
         return 0
