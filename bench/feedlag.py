@@ -24,6 +24,8 @@ POSITION = """
                LIMIT 1))::float8 AS waited
     FROM ledger_head h LEFT JOIN feed_positions f ON f.feed = 'usage'
     WHERE h.id = 1"""
+# How long after P1 to wait for the feed to be level with the head (reported, not a goal).
+LEVEL_WAIT = 30.0
 
 
 @dataclass(frozen=True)

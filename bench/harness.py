@@ -19,7 +19,7 @@ from infra.bus import connect, ensure_streams
 from infra.db import connect_and_migrate
 
 from . import baselines, enforcement, ledger_data, scenarios
-from .feedlag import FeedLag, FeedWatch
+from .feedlag import LEVEL_WAIT, FeedLag, FeedWatch
 from .load import Fleet
 from .report import Goal, Line, Report, fmt, latency_lines, ratio, rich_table
 from .stack import (
@@ -334,7 +334,7 @@ def _feed_lines(report: Report, feed: FeedLag, p1: scenarios.IngestResult) -> No
              "the age of the oldest committed event not yet on the feed",
     ))  # fmt: skip
     bound = p1.points_per_s  # 1 s of P1's rate
-    caught = ("the feed never caught up within 120 s" if feed.caught_up_in is None
+    caught = (f"the feed was not level within {LEVEL_WAIT:.0f} s" if feed.caught_up_in is None
               else f"level with the head {feed.caught_up_in:.1f} s later")  # fmt: skip
     report.add(Line(
         "Feed backlog", "committed events not on the feed right after P1", feed.backlog_after,

@@ -16,7 +16,7 @@ from contracts.samples import samples_stream
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from contracts.workloads import Resources
 
-from .feedlag import FeedLag, FeedWatch, summarize
+from .feedlag import LEVEL_WAIT, FeedLag, FeedWatch, summarize
 from .http import KeepAlivePool
 from .load import Fleet, Window, paced, timed
 from .stack import ADMIN, CpuMeter, Service, machine_busy, machine_busy_start
@@ -107,7 +107,7 @@ async def p1_ingest(
 
     With `feed`, the usage feed is sampled against the ledger head throughout (every
     100 ms), once more when the ledger has committed everything published, and then until
-    the feed has caught up (at most 120 s).
+    the feed has caught up (at most LEVEL_WAIT s).
     """
     floor = AckFloor(nc, fleet.prefix)
     pub = Window(nc.jetstream(), 128)
@@ -170,7 +170,7 @@ async def p1_ingest(
     lag = None
     if feed is not None and feed_first is not None and feed_last is not None:
         after = await feed.once()
-        level, level_seconds = await feed.until_level(120)
+        level, level_seconds = await feed.until_level(LEVEL_WAIT)
         lag = summarize(feed.samples, feed_first, feed_last, after, level, level_seconds)
     messages = last - first
     return IngestResult(
