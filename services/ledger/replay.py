@@ -124,18 +124,19 @@ REBUILT = """SELECT subject, metric, date_trunc('hour', window_end) AS hour,
 # `c` = the events counted less the projection's count, `p` = projection rows (0 or 1: it is
 # the primary key), `n` = rows in the group, of which n - p are events. A row matches
 # exactly when both sides exist and s = 0 and c = 0 (numeric arithmetic: exact).
-# `$2` of `$1` parts: the keys whose host and workload hash to it (a key's rows all do, on
-# either side), so parts compared on separate connections at once cover every key once.
+# `$2` of `$1` parts: the keys whose metric, host and workload hash to it (a key's rows all
+# do, on either side), so parts compared on separate connections at once cover every key
+# once.
 _COMPARE = """
     WITH both_sides AS (
         SELECT subject, metric, date_trunc('hour', window_end) AS hour, workload, host,
                coalesce(labels->>'gpu_model', '') AS gpu_model, delta AS x, 1 AS k, 0 AS p
         FROM usage_events
-        WHERE $1::int = 1 OR (hashtext(host || workload) & 65535) % $1::int = $2::int
+        WHERE $1::int = 1 OR (hashtext(metric || host || workload) & 65535) % $1::int = $2::int
         UNION ALL
         SELECT subject, metric, hour, workload, host, gpu_model, -total, -events, 1
         FROM usage_hourly
-        WHERE $1::int = 1 OR (hashtext(host || workload) & 65535) % $1::int = $2::int),
+        WHERE $1::int = 1 OR (hashtext(metric || host || workload) & 65535) % $1::int = $2::int),
     keyed AS (
         SELECT sum(x) AS s, sum(k) AS c, sum(p) AS p, count(*) AS n
         FROM both_sides GROUP BY subject, metric, hour, workload, host, gpu_model)
