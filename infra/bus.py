@@ -175,10 +175,19 @@ async def close_quietly(nc: Client | None, timeout: float = 2.0) -> None:
     """
     if nc is None or nc.is_closed:
         return
+    closing = asyncio.ensure_future(nc.close())
+    # Cut short (Ctrl-C's grace ran out), the close may still end in an error later: taken
+    # here, so asyncio does not print it as "Task exception was never retrieved".
+    closing.add_done_callback(_taken)
     try:
-        await asyncio.wait_for(nc.close(), timeout)
+        await asyncio.wait_for(closing, timeout)
     except (TimeoutError, OSError, nats.errors.Error) as exc:
         log.debug("closing the NATS connection: %s", exc)
+
+
+def _taken(task: asyncio.Future[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("closing the NATS connection: %s", task.exception())
 
 
 def stream_configs(

@@ -1,9 +1,16 @@
 """The contract as documents: AsyncAPI 3.0 for NATS (built with FastStream), OpenAPI for HTTP.
 
-FastStream describes channels from typed publishers and subscribers, so the NATS contract is
-declared here once, from the same pydantic models and subject builders the services use, on a
-broker that never connects. `tollgate docs` writes both files to docs/; a test fails when
-the committed files drift from the code.
+FastStream describes channels from typed publishers and subscribers, so the AsyncAPI documents
+come from the services' own declarations (their app modules), built on brokers that never
+connect:
+
+- docs/asyncapi.yaml, the services' side: the API's channels (`services.api.bus`), and,
+  until the ledger and the policy declare theirs on FastStream, a description of their
+  channels here (`_not_yet_declared`; each part goes as its service declares it);
+- docs/asyncapi-meter.yaml, a host's side: `services.meter.app.document_broker`, the very
+  publishers and subscribers `tollgate run`, the agent and the JupyterHub hooks use.
+
+`tollgate docs` writes the files to docs/; a test fails when the committed files drift.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ from contracts.commands import (
 )
 from contracts.dlq import DeadLetterReason, dlq_stream, dlq_wildcard
 from contracts.errors import ErrorReply
-from contracts.grants import GrantRecorded, GrantRevoked, grants_subject
 from contracts.notice import TerminationCancelled, TerminationScheduled, notice_subject
 from contracts.quota_events import (
     QuotaExceeded,
@@ -39,13 +45,23 @@ from contracts.quota_events import (
 )
 from contracts.samples import CounterBatch, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
-from contracts.usage import UsageRecorded, usage_stream, usage_subject
+from contracts.usage import (
+    MAX_BATCH_BYTES,
+    MAX_BATCH_EVENTS,
+    UsageBatch,
+    UsageRecorded,
+    usage_stream,
+    usage_subject,
+)
 from contracts.workloads import (
     WorkloadStarted,
     WorkloadStopped,
     workloads_stream,
     workloads_subject,
 )
+from infra.broker import TollgateBroker
+from services.api.bus import SCOPE_MARK, TARGET_MARK, ApiChannels
+from services.meter.app import HOST_MARK, document_broker
 
 # Subject parameters: built with the real builders from a marker, then named AsyncAPI-style.
 _MARK = "PARAM"
@@ -59,18 +75,83 @@ def _stored(stream: str, extra: str = "") -> str:
     return f"Stored in JetStream stream `{stream}` (file storage, `sync_interval: always`).{extra}"
 
 
+# What the services' declarations name their subject parameters (subject builders keep
+# these tokens as they are; the braces they would %-encode).
+_MARKS = {HOST_MARK: "{host}", SCOPE_MARK: "{scope}", TARGET_MARK: "{target}"}
+
+
+def _specification(broker: NatsBroker, title: str, description: str) -> dict[str, Any]:
+    spec = AsyncAPI(
+        broker, title=title, version="1", description=description, schema_version="3.0.0"
+    )
+    text = spec.to_specification().to_json()
+    for mark, param in _MARKS.items():
+        text = text.replace(mark, param)
+    doc: dict[str, Any] = json.loads(text)
+    return doc
+
+
+def _sorted(doc: dict[str, Any]) -> dict[str, Any]:
+    # FastStream keeps channels in no fixed order; a stable file diffs cleanly.
+    for key in ("channels", "operations"):
+        doc[key] = dict(sorted(doc[key].items()))
+    for key in ("messages", "schemas"):
+        doc["components"][key] = dict(sorted(doc["components"][key].items()))
+    return doc
+
+
 def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
-    """The NATS contract (SPEC §2) as an AsyncAPI 3.0 document, from Tollgate's point of view:
-    it receives samples, workload lifecycle and spawn checks, and sends the rest."""
-    broker = NatsBroker(
+    """The NATS contract (SPEC §2) as an AsyncAPI 3.0 document, from the services' point of
+    view: they receive samples, workload lifecycle and spawn checks, and send the rest."""
+    broker = TollgateBroker(
         "nats://nats:4222",
+        name="tollgate-docs",
         description="NATS with JetStream. Every payload is JSON with a `schema` field naming "
         "type and version; consumers ignore unknown fields.",
     )
+    ApiChannels(broker, prefix)  # the API: grant cues (its spawn-check requests: see below)
+    _not_yet_declared(broker, prefix)
+    doc = _specification(
+        broker,
+        "Tollgate NATS contract",
+        "Subjects, payloads and streams of Tollgate's wire contract v1 (SPEC §2), as the "
+        "services (ledger, policy, api) use them; a host's side is asyncapi-meter.yaml. HTTP "
+        "is described by openapi.json beside this file.",
+    )
+    _add_message(doc, "workloads", WorkloadStopped)
+    # Per-event messages: what a stream written before usage_batch.v1 still holds.
+    _add_message(doc, "usage", UsageRecorded)
+    _add_message(doc, "quota-events", QuotaExceeded)
+    _add_message(doc, "quota-events", QuotaForecast)
+    _add_message(doc, "notice", TerminationCancelled)
+    _add_message(doc, "quota-events", TerminationScheduled)
+    _add_message(doc, "quota-events", TerminationCancelled)
+    _add_spawn_reply(doc, "spawn-check")
+    _add_parameters(doc)
+    return _sorted(doc)
+
+
+def meter_asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
+    """A host's side of the contract, from the meter's own FastStream declarations."""
+    doc = _specification(
+        document_broker(prefix),
+        "Tollgate NATS contract: a host's side",
+        "What `tollgate run`, `tollgate meter` (the host agent) and the JupyterHub hooks "
+        "publish, ask and read (SPEC §2), generated from their FastStream declarations "
+        "(services/meter/app.py). The services' side is asyncapi.yaml.",
+    )
+    _add_spawn_reply(doc, "spawn-check")
+    _add_parameters(doc)
+    return _sorted(doc)
+
+
+def _not_yet_declared(broker: NatsBroker, prefix: str) -> None:
+    """The ledger's and the policy's channels, described here until their services declare
+    them on FastStream (then the part goes, and their declaration is called instead)."""
 
     def receives(subject: str, title: str, model: type[BaseModel], description: str) -> None:
         async def handler(message: Any) -> None:
-            """Documented only; the services consume with nats-py directly."""
+            """Described only: the ledger and the policy consume with nats-py (for now)."""
 
         # The real model, not the string `from __future__ import annotations` would leave.
         handler.__annotations__ = {"message": model, "return": None}
@@ -110,9 +191,18 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
     sends(
         _param(usage_subject, "subject", prefix),
         "usage",
-        UsageRecorded,
-        "Every committed usage event, after commit, in ledger order, gap-free; header "
-        "`Nats-Msg-Id: usage:<seq>`. Replayable from sequence 1. " + _stored(usage_stream(prefix)),
+        UsageBatch,
+        "Every committed usage event, after commit, in ledger order, gap-free, many to a "
+        "message: a `tollgate.usage_batch.v1` envelope per (ledger batch, subject, chunk of at "
+        f"most {MAX_BATCH_EVENTS} events and {MAX_BATCH_BYTES // 1024} KiB) holds the "
+        "consecutive seqs `first_seq`..`last_seq` of one subject, and the next envelope on the "
+        "stream starts at `last_seq + 1`; header `Nats-Msg-Id: usage:<first_seq>-<last_seq>`. "
+        "Each event expands to a `tollgate.usage_recorded.v1` (schema UsageRecorded: the "
+        "envelope's subject, batch_id, batch_hash and recorded_at with the event; an event's "
+        "fields at their default, null, false or no labels, are left out), the one-event "
+        "form `GET /v1/events` and `tollgate replay --after` give; a stream written before the "
+        "envelopes also holds such per-event messages (`Nats-Msg-Id: usage:<seq>`). "
+        "Replayable from sequence 1. " + _stored(usage_stream(prefix)),
     )
     sends(
         _param(terminate_subject, "host", prefix),
@@ -154,17 +244,6 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         "`tollgate.quota_exceeded.v1`, and `tollgate.quota_forecast.v1` when the recent "
         "rate would use the quota up within its window. " + _stored(events_stream(prefix)),
     )
-    sends(
-        grants_subject("SCOPE", "TARGET", prefix)
-        .replace("SCOPE", "{scope}")
-        .replace("TARGET", "{target}"),
-        "grants",
-        GrantRecorded,
-        "Published by the API after a grant (`tollgate.grant_recorded.v1`) or a revocation "
-        "(`tollgate.grant_revoked.v1`) commits to the hash-chained grants record in Postgres; "
-        "the policy reads the record when cued (and polls), so this is a cue, not the record. "
-        "Plain NATS (not stored). SPEC addition.",
-    )
     reasons = ", ".join(f"`{r.value}`" for r in DeadLetterReason)
     broker.publisher(
         dlq_wildcard(prefix).replace("*", "{reason}"),
@@ -173,30 +252,6 @@ def asyncapi_document(prefix: str = DEFAULT_PREFIX) -> dict[str, Any]:
         f"`Tollgate-Dlq-Reason`, `Tollgate-Dlq-Detail`, `Tollgate-Original-Subject`, "
         f"`Tollgate-Original-Stream-Seq`. Reasons: {reasons}. " + _stored(dlq_stream(prefix)),
     )
-    spec = AsyncAPI(
-        broker,
-        title="Tollgate NATS contract",
-        version="1",
-        description="Subjects, payloads and streams of Tollgate's wire contract v1 (SPEC §2). "
-        "HTTP is described by openapi.json beside this file.",
-        schema_version="3.0.0",
-    )
-    doc: dict[str, Any] = json.loads(spec.to_specification().to_json())
-    _add_message(doc, "workloads", WorkloadStopped)
-    _add_message(doc, "quota-events", QuotaExceeded)
-    _add_message(doc, "quota-events", QuotaForecast)
-    _add_message(doc, "notice", TerminationCancelled)
-    _add_message(doc, "quota-events", TerminationScheduled)
-    _add_message(doc, "quota-events", TerminationCancelled)
-    _add_message(doc, "grants", GrantRevoked)
-    _add_spawn_reply(doc)
-    _add_parameters(doc)
-    # FastStream keeps channels in no fixed order; a stable file diffs cleanly.
-    for key in ("channels", "operations"):
-        doc[key] = dict(sorted(doc[key].items()))
-    for key in ("messages", "schemas"):
-        doc["components"][key] = dict(sorted(doc["components"][key].items()))
-    return doc
 
 
 def _add_schema(doc: dict[str, Any], model: type[BaseModel]) -> str:
@@ -238,7 +293,7 @@ def _add_parameters(doc: dict[str, Any]) -> None:
             channel["parameters"] = found
 
 
-def _add_spawn_reply(doc: dict[str, Any]) -> None:
+def _add_spawn_reply(doc: dict[str, Any], operation: str) -> None:
     """FastStream has no reply schema for request/reply; AsyncAPI 3.0 does (`reply`)."""
     doc["components"]["messages"]["spawn-check:Reply"] = {
         "title": "spawn-check:Reply",
@@ -257,7 +312,7 @@ def _add_spawn_reply(doc: dict[str, Any]) -> None:
             "Error": {"$ref": "#/components/messages/spawn-check:Error"},
         },
     }
-    doc["operations"]["spawn-check"]["reply"] = {
+    doc["operations"][operation]["reply"] = {
         "channel": {"$ref": "#/channels/spawn-check-reply"},
         "messages": [
             {"$ref": "#/channels/spawn-check-reply/messages/Reply"},
@@ -268,6 +323,10 @@ def _add_spawn_reply(doc: dict[str, Any]) -> None:
 
 def asyncapi_yaml(prefix: str = DEFAULT_PREFIX) -> str:
     return yaml.safe_dump(asyncapi_document(prefix), sort_keys=False, allow_unicode=True)
+
+
+def meter_asyncapi_yaml(prefix: str = DEFAULT_PREFIX) -> str:
+    return yaml.safe_dump(meter_asyncapi_document(prefix), sort_keys=False, allow_unicode=True)
 
 
 def openapi_json() -> str:

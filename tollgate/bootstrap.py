@@ -6,18 +6,20 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
 import nats.errors
 from nats.aio.client import Client
+from nats.js import JetStreamContext
 
+from infra.broker import TollgateBroker, running
 from infra.bus import close_quietly, connect, ensure_streams
 from infra.db import close_pool, connect_and_migrate, create_pool, migrate
 from infra.settings import Settings
 from infra.tasks import cancel_and_wait, unless_stopped
 from services.ledger.app import LedgerService
-from services.ledger.feed import UsageFeed
+from services.ledger.feed import Connections, UsageFeed, run_in_thread
 from services.policy.app import SpawnCheckResponder
 from services.policy.service import PolicyService
 from services.policy.source import ConfigSource
@@ -69,29 +71,68 @@ async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Clien
     return nc
 
 
+@contextlib.asynccontextmanager
+async def serving(
+    broker: TollgateBroker, settings: Settings, stop: asyncio.Event
+) -> AsyncIterator[TollgateBroker]:
+    """A service's FastStream broker for the life of the block: connected (waiting for NATS
+    until `stop`), the contract's streams in place, its subscribers started; stopped after
+    (subscribers get 2 s, then the connection is closed, not drained)."""
+
+    async def streams(b: TollgateBroker) -> None:
+        await ensure_streams(
+            b.js, settings.prefix, settings.duplicate_window_seconds,
+            replicas=settings.stream_replicas, partitions=settings.partitions,
+        )  # fmt: skip
+
+    async with running(broker, stop, before_start=streams):
+        yield broker
+
+
 async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
     """The ledger: samples in, exact usage events out."""
     nc = await open_nats(settings, "tollgate-ledger", stop)
     try:
         pool = await open_pool(settings, stop)
         try:
+            # The feed publishes each committed batch from memory, on a loop of its own.
+            feed = UsageFeed(None, None, settings.prefix)
             service = LedgerService(
                 nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
                 fetch_timeout=settings.ledger_fetch_timeout,
                 max_payload=settings.max_payload_bytes, ack_wait=settings.ledger_ack_wait,
                 partition=settings.partition if settings.partitions > 1 else None,
-                max_clock_skew=settings.max_clock_skew,
+                max_clock_skew=settings.max_clock_skew, on_commit=feed.on_commit,
             )  # fmt: skip
-            feed = UsageFeed(nc.jetstream(), pool, settings.prefix)
             log.info("ledger consuming %s samples as consumer %s", settings.prefix,
                      service.consumer)  # fmt: skip
-            await asyncio.gather(service.run(stop), feed.run(stop, service.committed))
+            await asyncio.gather(
+                service.run(stop), run_in_thread(feed, _feed_connections(settings), stop)
+            )
         finally:
             await close_pool(pool)
     finally:
         # close, not drain: draining a pull subscription waits out nats-py's 30 s timeout,
         # and anything fetched but not committed is simply redelivered.
         await close_quietly(nc)
+
+
+def _feed_connections(settings: Settings) -> Connections:
+    """The usage feed publisher's own NATS connection and pool (on its own event loop)."""
+
+    @contextlib.asynccontextmanager
+    async def connect(stop: asyncio.Event) -> AsyncIterator[tuple[JetStreamContext, asyncpg.Pool]]:
+        nc = await open_nats(settings, "tollgate-ledger-feed", stop)
+        try:
+            pool = await open_pool(settings, stop, max_size=2)
+            try:
+                yield nc.jetstream(), pool
+            finally:
+                await close_pool(pool)
+        finally:
+            await close_quietly(nc)
+
+    return connect
 
 
 async def run_policy(settings: Settings, stop: asyncio.Event) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -43,7 +43,10 @@ from contracts.samples import CounterBatch, CounterSample, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest
 from contracts.workloads import Resources, WorkloadStarted, WorkloadStopped, workloads_subject
 from services.meter.domain import allocations
-from services.meter.publisher import Message, MeterLink
+from services.meter.messages import Message
+
+if TYPE_CHECKING:  # the link (FastStream) is imported when the first spawn needs it
+    from services.meter.publisher import MeterLink
 
 log = logging.getLogger("tollgate.jupyterhub")
 FailureMode = Literal["open", "closed"]
@@ -416,6 +419,8 @@ class TollgateHooks:
         if self.nats_url is None:
             return None
         if self._link is None:
+            from services.meter.publisher import MeterLink
+
             self._link = MeterLink(
                 self.nats_url, f"tollgate-jupyterhub {self.host}", self.nats_seed_file
             )

@@ -6,13 +6,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
 from fastapi import FastAPI
 
-from infra.bus import CredentialsError, close_quietly, connect, seed_public_key
+from infra.broker import TollgateBroker, bus_metrics
+from infra.bus import CredentialsError, seed_public_key
 from infra.db import close_pool, connect_and_migrate
 from infra.settings import Settings
 from infra.tasks import cancel_and_wait
@@ -20,6 +20,7 @@ from services.policy.config import ConfigError
 from services.policy.source import ConfigSource
 
 from . import errors
+from .bus import ApiChannels
 from .deps import ApiDeps, AuthKeys
 from .errors import ApiStartupError
 from .hub import HubAuthenticator
@@ -155,14 +156,22 @@ async def _connected(settings: Settings) -> AsyncIterator[ApiDeps]:
     # (and answer without it), and the client
     # retries forever, so waiting for it would leave the API silent while NATS is down.
     # /readyz reports it until it is connected.
-    joining = asyncio.create_task(_join_nats(deps, s.nats_url, s.nats_nkey_seed_file))
+    broker = TollgateBroker(
+        s.nats_url, name="tollgate-api", seed_file=s.nats_nkey_seed_file,
+        middlewares=[bus_metrics("tollgate-api")],
+    )  # fmt: skip
+    channels = ApiChannels(broker, s.prefix)
+    joining = asyncio.create_task(_join_nats(deps, broker, channels))
     try:
         yield deps
     finally:
         await cancel_and_wait([joining])
-        await close_quietly(deps.nc)
+        await broker.stop()  # closes the connection (with a timeout), never drains it
         await close_pool(pool)
 
 
-async def _join_nats(deps: ApiDeps, url: str, seed_file: Path | None) -> None:
-    deps.nc = await connect(url, "tollgate-api", seed_file)
+async def _join_nats(deps: ApiDeps, broker: TollgateBroker, channels: ApiChannels) -> None:
+    # Connected, not started: the API only publishes and requests (no subscribers).
+    await broker.connect()
+    deps.bus = channels
+    deps.nc = broker.nc

@@ -20,6 +20,7 @@ from contracts._base import DEFAULT_PREFIX
 from services.policy.config import PolicyConfig
 from services.policy.source import ConfigSource
 
+from .bus import ApiChannels
 from .hub import HubAuthenticator
 from .options import ApiOptions
 from .ratelimit import RateLimiter
@@ -52,6 +53,16 @@ class ApiDeps:
     clock: Clock = field(default=utc_now)
     nats_address: str = "NATS"  # host:port, for messages while not connected
     prefix: str = DEFAULT_PREFIX
+    bus: ApiChannels | None = None  # the FastStream publishers, once connected
+
+    def channels(self) -> ApiChannels | None:
+        """The API's publishers (services.api.bus), or None while NATS is not connected.
+
+        Over `nc` when a test handed one in; under `tollgate api` the lifespan's broker.
+        """
+        if self.bus is None and self.nc is not None:
+            self.bus = ApiChannels.around(self.nc, self.prefix)
+        return self.bus
 
 
 async def _deps(request: Request) -> ApiDeps:

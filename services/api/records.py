@@ -171,3 +171,43 @@ async def active_subjects(pool: asyncpg.Pool, since: datetime, limit: int = 500)
         limit,
     )
     return [r["subject"] for r in rows]
+
+
+# A notice neither cancelled nor carried out by a terminate command (services/policy/notice.py).
+_PENDING_NOTICE = """
+    SELECT d.decision_id, d.decided_at, d.quota, d.inputs->>'terminate_at' AS terminate_at,
+           d.inputs->>'sentence' AS sentence
+    FROM policy_decisions d
+    WHERE d.kind = 'termination_scheduled' AND d.workload = $1 AND d.subject = $2
+      AND NOT EXISTS (SELECT 1 FROM policy_decisions c
+                      WHERE c.decision_id = 'cancel-' || d.decision_id)
+      AND NOT EXISTS (SELECT 1 FROM policy_decisions t
+                      WHERE t.kind = 'terminate' AND t.workload = $1
+                        AND t.inputs->>'notice_id' = d.decision_id)
+    ORDER BY d.decided_at DESC LIMIT 1"""
+
+
+@dataclass(frozen=True)
+class PendingNotice:
+    """A termination the policy announced and has neither cancelled nor carried out."""
+
+    notice_id: str
+    decided_at: datetime
+    terminate_at: datetime
+    quota: str
+    message: str  # the sentence the workload was told, as `tollgate run` prints it
+
+
+async def pending_notice(pool: asyncpg.Pool, workload: str, subject: str) -> PendingNotice | None:
+    """The workload's pending termination notice, if it has one."""
+    async with pool.acquire() as conn:
+        r = await conn.fetchrow(_PENDING_NOTICE, workload, subject)
+    if r is None:
+        return None
+    return PendingNotice(
+        notice_id=r["decision_id"],
+        decided_at=r["decided_at"],
+        terminate_at=datetime.fromisoformat(r["terminate_at"]),
+        quota=r["quota"],
+        message=f"Tollgate: {r['sentence']}",
+    )

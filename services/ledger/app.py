@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
@@ -64,6 +65,7 @@ class LedgerService:
         ack_wait: float = 30.0,
         max_points: int = 50_000,
         max_clock_skew: timedelta = DEFAULT_MAX_CLOCK_SKEW,
+        on_commit: Callable[[store.BatchResult], None] | None = None,
     ) -> None:
         self.nc = nc
         self.js: JetStreamContext = nc.jetstream()
@@ -87,6 +89,8 @@ class LedgerService:
         self._skew_max = 0.0
         # Set after every commit that appended events: wakes the usage feed publisher.
         self.committed = asyncio.Event()
+        # Called with every committed batch, at once (the usage feed publishes from it).
+        self.on_commit = on_commit
         # Failpoint for crash tests: die right after the Nth commit, before its acks.
         self._exit_after_commits = int(os.environ.get(FAILPOINT_EXIT_AFTER_COMMIT, "0"))
         self._commits = 0
@@ -194,6 +198,8 @@ class LedgerService:
             result = await self._commit(items, last_stream_seq, msgs, stop)
         if result is None:
             return False  # stopping: the messages are redelivered and fold to the same result
+        if self.on_commit is not None and result.events:
+            self.on_commit(result)
         self._commits += 1
         if self._commits == self._exit_after_commits:
             log.warning("failpoint %s: exiting between commit and ack", FAILPOINT_EXIT_AFTER_COMMIT)

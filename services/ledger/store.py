@@ -170,6 +170,10 @@ def _event_records(
     return rows
 
 
+def _subject_of(u: UsageDelta) -> str:
+    return u.key.subject
+
+
 async def apply_readings(
     conn: asyncpg.Connection, consumer: str, items: Sequence[Reading], last_stream_seq: int
 ) -> BatchResult:
@@ -186,6 +190,9 @@ async def apply_readings(
         keys = list({r.key: None for r in items})  # each series once
         states = await _load_states(conn, keys)
         usage, changed = fold(states, items)
+        # Seqs grouped by subject (stable: a series keeps its order), so the usage feed's
+        # envelope of one subject in this batch covers a contiguous range of seqs.
+        usage.sort(key=_subject_of)
         now = datetime.now(UTC)
         committed: list[CommittedEvent] = []
         if usage:

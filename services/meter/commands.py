@@ -19,22 +19,18 @@ from typing import Any
 
 import nats.errors
 import nats.js
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-from pydantic import ValidationError
 
-from contracts._base import PayloadError, parse_json
 from contracts.commands import TerminateWorkload, commands_stream, terminate_subject
-from contracts.notice import (
-    Notice,
-    TerminationCancelled,
-    TerminationScheduled,
-    notice_subject,
-)
+from contracts.notice import Notice, notice_subject
+from infra.broker import Consume, consume_with
 
+from .app import FETCH_BATCH, FETCH_WAIT, MeterChannels
 from .publisher import MeterLink
 
 log = logging.getLogger("tollgate.meter")
-FETCH_WAIT = 1.0
 RETRY_PAUSE = 1.0
 INACTIVE = 120.0
 REMEMBERED = 1000
@@ -45,7 +41,15 @@ NoticeHandler = Callable[[Notice], Awaitable[None]]
 
 
 class CommandListener:
-    """Calls `handle` once for each termination command addressed to `host`."""
+    """Calls `handle` once for each termination command addressed to `host`.
+
+    The consumer is a FastStream pull subscriber declared in `services.meter.app`, typed by
+    the contract; this class starts it from the sequence it has reached, and again after an
+    outage. Its fetch loop is our own (`consume_with`): messages are handled one at a time,
+    in stream order, and a consumer the server lost (a NATS restart drops in-memory
+    consumers) ends the loop so the consumer is made again, which FastStream's loop would
+    retry forever.
+    """
 
     def __init__(
         self,
@@ -68,6 +72,18 @@ class CommandListener:
         self.ready = asyncio.Event()  # set once the consumer exists: tests wait on it
         self._said: str | None = None
         self._stopped = False
+        self._lost: asyncio.Future[BaseException] | None = None
+        self.subscriber = self._declare(link.channels, host, prefix)
+        consume_with(self.subscriber, self._fetch)
+
+    def _declare(self, channels: MeterChannels, host: str, prefix: str) -> Any:
+        subscriber = channels.commands(host, prefix, self._config())
+
+        @subscriber
+        async def terminate(command: TerminateWorkload) -> None:
+            await self._take(command, str(command.command_id))
+
+        return subscriber
 
     async def run(self) -> None:
         """Listen until `stop`, through NATS outages."""
@@ -75,22 +91,21 @@ class CommandListener:
             nc = await self.link.connected(RETRY_PAUSE * 5)
             if nc is None:
                 continue
-            sub = None
+            self._lost = asyncio.get_running_loop().create_future()
             try:
                 # Unused consumers expire on the server (INACTIVE): nothing to delete by hand.
-                sub = await nc.jetstream().pull_subscribe(
-                    self.subject, stream=self.stream, config=self._config()
-                )
+                self._restart_from_here()
+                await self.link.broker.prepare(self.subscriber)
+                await self.subscriber.start()
                 self.ready.set()
                 self._said = None
-                await self._drain(sub)
+                raise await self._lost
             except (nats.errors.Error, OSError, TimeoutError) as exc:
                 self._outage(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(RETRY_PAUSE)
             finally:
-                if sub is not None:
-                    with contextlib.suppress(nats.errors.Error):
-                        await sub.unsubscribe()
+                with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
+                    await self.subscriber.stop()
 
     async def stop(self, task: asyncio.Task[None]) -> None:
         """End `task` (running `run`), waiting a little at most.
@@ -103,9 +118,14 @@ class CommandListener:
         await asyncio.wait({task}, timeout=STOP_WAIT)
 
     def _config(self) -> ConsumerConfig:
-        config = ConsumerConfig(
+        return ConsumerConfig(
             ack_policy=AckPolicy.EXPLICIT, inactive_threshold=INACTIVE, mem_storage=True
         )
+
+    def _restart_from_here(self) -> None:
+        config = self.subscriber.config
+        config.name = None  # a new ephemeral consumer each time (nats-py names it)
+        config.opt_start_seq = config.opt_start_time = None
         if self.next_seq is not None:
             config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
             config.opt_start_seq = self.next_seq
@@ -114,38 +134,29 @@ class CommandListener:
             config.opt_start_time = self.since
         else:
             config.deliver_policy = DeliverPolicy.NEW
-        return config
 
-    async def _drain(self, sub: nats.js.JetStreamContext.PullSubscription) -> None:
-        while not self._stopped:
-            try:
-                messages = await sub.fetch(16, timeout=FETCH_WAIT)
-            except nats.errors.TimeoutError:
-                continue
-            for msg in messages:
-                await self._one(msg.data, msg.metadata.sequence.stream)
-                with contextlib.suppress(nats.errors.Error):
-                    await msg.ack()
-
-    async def _one(self, data: bytes, stream_seq: int) -> None:
-        self.next_seq = stream_seq + 1
+    async def _fetch(self, sub: JetStreamContext.PullSubscription, consume: Consume) -> None:
+        lost = self._lost
+        assert lost is not None
         try:
-            command = self._parse(data)
-        except (PayloadError, ValidationError) as exc:
-            log.error("ignoring a message on %s that is not a %s: %s", self.subject, self.what, exc)
-            return
-        key = self._key(command)
+            while not self._stopped:
+                try:
+                    messages: list[Msg] = await sub.fetch(FETCH_BATCH, timeout=FETCH_WAIT)
+                except nats.errors.TimeoutError:
+                    continue
+                for msg in messages:
+                    self.next_seq = msg.metadata.sequence.stream + 1
+                    await consume(msg)  # validated, handled, then acked (AckPolicy.ACK)
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            if not lost.done():
+                lost.set_result(exc)
+
+    async def _take(self, command: Any, key: str) -> None:
         if key in self.seen:
             log.info("%s %s was already carried out; ignoring the repeat", self.what, key)
             return
         self.seen = [*self.seen[-REMEMBERED + 1 :], key]
         await self.handle(command)
-
-    def _parse(self, data: bytes) -> Any:
-        return TerminateWorkload.model_validate(parse_json(data))
-
-    def _key(self, command: Any) -> str:
-        return str(command.command_id)
 
     def _outage(self, why: str) -> None:
         if self._said is None:
@@ -178,14 +189,11 @@ class NoticeListener(CommandListener):
         self.subject = notice_subject(host, prefix)
         self.what = "termination notice"
 
-    def _parse(self, data: bytes) -> Notice:
-        raw = parse_json(data)
-        if (
-            isinstance(raw, dict)
-            and raw.get("schema") == TerminationCancelled.model_fields["schema_"].default
-        ):
-            return TerminationCancelled.model_validate(raw)
-        return TerminationScheduled.model_validate(raw)
+    def _declare(self, channels: MeterChannels, host: str, prefix: str) -> Any:
+        subscriber = channels.notices(host, prefix, self._config())
 
-    def _key(self, command: Any) -> str:
-        return f"{type(command).__name__}:{command.notice_id}"
+        @subscriber
+        async def notice(notice: Notice) -> None:
+            await self._take(notice, f"{type(notice).__name__}:{notice.notice_id}")
+
+        return subscriber

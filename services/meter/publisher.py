@@ -1,8 +1,9 @@
 """The meter's side of NATS: spawn checks and publishing that never hold up the workload.
 
-The connection is made in the background and retried forever. While NATS is away, publishes
-fail fast and are reported once per outage; samples are cumulative, so the next batch that
-gets through carries everything.
+One FastStream broker per link (`infra.broker.TollgateBroker`), its publishers declared in
+`services.meter.app`. The connection is made in the background and retried forever. While
+NATS is away, publishes fail fast and are reported once per outage; samples are cumulative,
+so the next batch that gets through carries everything.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import nats.errors
@@ -19,45 +19,44 @@ import nats.js.errors
 from nats.aio.client import Client
 from pydantic import ValidationError
 
-from contracts._base import PayloadError, parse_json
+from contracts._base import DEFAULT_PREFIX
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
-from infra.bus import connect
+from infra.broker import TollgateBroker
+
+from .app import MeterChannels, unreadable_is_ignored
+from .messages import Message, NoDecision
+
+__all__ = ["Message", "MeterLink", "NoDecision"]
 
 log = logging.getLogger("tollgate.meter")
 PUBLISH_TIMEOUT = 2.0
 RETRY_PAUSE = 0.25
 
 
-@dataclass(frozen=True)
-class NoDecision:
-    """A spawn check that got no usable answer, and why."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class Message:
-    """One JetStream message with the id the stream deduplicates on."""
-
-    subject: str
-    payload: bytes
-    msg_id: str
-
-
 class MeterLink:
     """One NATS connection for one `tollgate run`, made in the background."""
 
-    def __init__(self, url: str, name: str, seed_file: Path | None = None) -> None:
+    def __init__(
+        self, url: str, name: str, seed_file: Path | None = None, prefix: str = DEFAULT_PREFIX
+    ) -> None:
         self.url = url
-        self._name = name
-        self._seed_file = seed_file
+        self.broker = TollgateBroker(
+            url, name=name, seed_file=seed_file, middlewares=[unreadable_is_ignored()]
+        )
+        self.channels = MeterChannels(self.broker, prefix)
         self._connecting: asyncio.Task[Client] | None = None
         self._outage: str | None = None
         self._outbox: list[Message] = []
 
     def start(self) -> None:
         """Begin connecting; nothing waits for it unless it asks to."""
-        self._connecting = asyncio.create_task(connect(self.url, self._name, self._seed_file))
+        self._connecting = asyncio.create_task(self._connect())
+
+    async def _connect(self) -> Client:
+        # Connected, not started: publishers need no start, and each listener starts its
+        # own subscriber (from the sequence it has reached) when it is ready to.
+        await self.broker.connect()
+        return self.broker.nc
 
     async def wait_connected(self, timeout: float) -> bool:
         """True once connected, False if that takes longer than `timeout` seconds."""
@@ -77,14 +76,14 @@ class MeterLink:
     ) -> SpawnDecision | NoDecision:
         """Ask the policy whether this workload may start."""
         subject = spawn_check_subject(prefix)
+        publisher = self.channels.spawn_check
         started = time.monotonic()
         if not await self.wait_connected(timeout):
             return NoDecision(self._unreachable(f"did not answer within {timeout:g} s"))
-        nc = self._client()
-        assert nc is not None
+        assert self._client() is not None
         remaining = max(timeout - (time.monotonic() - started), 0.1)
         try:
-            reply = await nc.request(subject, request.to_json(), timeout=remaining)
+            reply = await publisher.request(request, subject=subject, timeout=remaining)
         except nats.errors.NoRespondersError:
             return NoDecision(f"nobody answers spawn checks on {subject} (is the policy running?)")
         except nats.errors.TimeoutError:
@@ -92,8 +91,8 @@ class MeterLink:
         except nats.errors.Error as exc:
             return NoDecision(f"spawn check on {subject} failed: {exc or type(exc).__name__}")
         try:
-            return SpawnDecision.model_validate(parse_json(reply.data))
-        except (PayloadError, ValidationError) as exc:
+            return SpawnDecision.model_validate(await reply.decode())
+        except ValidationError as exc:
             return NoDecision(f"the answer on {subject} is not a spawn decision: {exc}")
 
     def enqueue(self, message: Message) -> None:
@@ -136,10 +135,9 @@ class MeterLink:
             task.cancel()
             await asyncio.wait({task})
             return
-        nc = self._client()
-        if nc is not None:
+        if self._client() is not None:
             with contextlib.suppress(nats.errors.Error, OSError, TimeoutError):
-                await nc.close()
+                await self.broker.stop()
 
     def _client(self) -> Client | None:
         task = self._connecting
@@ -159,12 +157,14 @@ class MeterLink:
             # Buffering while reconnecting would only queue stale, superseded batches.
             self._failed(self._unreachable("is not reachable"))
             return False
+        publisher, stream = self.channels.publisher_for(message.subject)
         try:
-            await nc.jetstream().publish(
-                message.subject,
+            await publisher.publish(
                 message.payload,
-                timeout=PUBLISH_TIMEOUT,
+                subject=message.subject,
+                stream=stream,
                 headers={"Nats-Msg-Id": message.msg_id},
+                timeout=PUBLISH_TIMEOUT,
             )
         except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError):
             self._failed(

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from html import escape as html_escape
 from pathlib import Path
 
 import asyncpg
@@ -131,6 +132,16 @@ async def test_a_workload_over_a_quota_with_notice_is_told_then_terminated_when_
     assert "ran out" in terminate["message"]
 
 
+async def _page_row(client: httpx.AsyncClient, subject: str, workload: str) -> str:
+    """The workload's row on the subject's web page, as the admin signed in sees it."""
+    r = await client.get(
+        "/", params={"subject": subject}, headers={"Cookie": "tollgate_session=e2e"}
+    )
+    assert r.status_code == 200, r.text
+    row = r.text.split(f'data-workload="{html_escape(workload)}"', 1)[1]
+    return row.split("</tr>", 1)[0]
+
+
 async def test_a_grant_during_the_notice_cancels_the_termination_and_tells_the_workload(
     servers: TestServers, database_url: str, tmp_path: Path, procs: list, prefix: str, nc
 ) -> None:
@@ -152,6 +163,9 @@ async def test_a_grant_during_the_notice_cancels_the_termination_and_tells_the_w
         async with httpx.AsyncClient(base_url=api, headers=admin, timeout=30) as client:
             shown = (await client.get(f"/v1/workloads/{workload}")).json()
             assert shown["scheduled_termination"]["message"] == told.strip()
+            # The user's page shows the same sentence beside the workload, until it is lifted.
+            html = await _page_row(client, subject, workload)
+            assert "stops " in html and html_escape(told.strip()) in html
             r = await client.post(
                 f"/v1/subjects/{subject}/grants",
                 json={"quota": "cpu-day", "amount": "100 core*h", "expires_in": "1d",
@@ -163,6 +177,8 @@ async def test_a_grant_during_the_notice_cancels_the_termination_and_tells_the_w
             assert line.strip().endswith("is cancelled: a grant raised cpu-day")
             shown = (await client.get(f"/v1/workloads/{workload}")).json()
             assert shown["scheduled_termination"] is None
+            html = await _page_row(client, subject, workload)
+            assert "pill ok" in html and "stops " not in html
         flag.touch()
         seen.append((await asyncio.wait_for(run.stderr.read(), 90)).decode())
         await asyncio.wait_for(run.wait(), 90)

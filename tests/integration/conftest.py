@@ -39,12 +39,13 @@ async def ledger(
         nc, pool, prefix=prefix, batch=500, fetch_timeout=0.2, max_payload=MAX_PAYLOAD,
         max_clock_skew=TRUSTED_CLOCKS,
     )  # fmt: skip
-    await service.subscribe()
     feed = UsageFeed(nc.jetstream(), pool, prefix)
+    service.on_commit = feed.on_commit
+    await service.subscribe()
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(service.run(stop)),
-        asyncio.create_task(feed.run(stop, service.committed)),
+        asyncio.create_task(feed.run(stop)),
     ]
     try:
         yield service

@@ -28,7 +28,7 @@ from prometheus_client import REGISTRY
 from contracts.durations import DEFAULT_MAX_CLOCK_SKEW
 from contracts.samples import samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest
-from contracts.usage import usage_subject
+from contracts.usage import UsageBatch, usage_subject
 from infra.settings import Settings
 from services.api.app import create_app
 from services.api.deps import ApiDeps
@@ -78,12 +78,13 @@ async def strict_ledger(
         nc, pool, prefix=prefix, batch=500, fetch_timeout=0.2, max_payload=MAX_PAYLOAD
     )
     assert service.max_clock_skew == SKEW
-    await service.subscribe()
     feed = UsageFeed(nc.jetstream(), pool, prefix)
+    service.on_commit = feed.on_commit
+    await service.subscribe()
     stop = asyncio.Event()
     tasks = [
         asyncio.create_task(service.run(stop)),
-        asyncio.create_task(feed.run(stop, service.committed)),
+        asyncio.create_task(feed.run(stop)),
     ]
     try:
         yield service
@@ -190,11 +191,13 @@ async def stack(
 
 
 async def _feed_events(stack: Stack, subject: str, count: int) -> list[dict[str, Any]]:
-    """The usage feed's messages for `subject`, as an integrator reads them."""
+    """The usage feed's events for `subject`, as an integrator reads them (envelopes expanded)."""
     got: list[dict[str, Any]] = []
 
     async def on(msg: Any) -> None:
-        got.append(json.loads(msg.data))
+        got.extend(
+            json.loads(r.to_json()) for r in UsageBatch.model_validate_json(msg.data).records()
+        )
 
     sub = await stack.nc.jetstream().subscribe(
         usage_subject(subject, stack.prefix), ordered_consumer=True, cb=on

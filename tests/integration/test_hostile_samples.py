@@ -70,8 +70,8 @@ async def test_hostile_names_in_samples_are_stored_safely_or_dead_lettered_and_n
     host = unique("host")
     feed: list[str] = []
 
-    async def on_usage(msg: Msg) -> None:
-        feed.append(msg.subject)
+    async def on_usage(msg: Msg) -> None:  # one entry per event of the envelope
+        feed.extend([msg.subject] * len(json.loads(msg.data)["events"]))
 
     # Everything under the usage prefix, so a name that split into two tokens would show.
     usage_sub = await nc.subscribe(usage_subject("x", prefix).rsplit(".", 1)[0] + ".>", cb=on_usage)

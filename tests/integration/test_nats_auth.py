@@ -40,7 +40,7 @@ from contracts.commands import (
 from contracts.notice import Notice, TerminationScheduled, notice_subject
 from contracts.samples import CounterBatch, CounterSample, samples_stream, samples_subject
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
-from contracts.usage import UsageRecorded, usage_stream, usage_wildcard
+from contracts.usage import UsageBatch, UsageRecorded, usage_stream, usage_wildcard
 from contracts.workloads import WorkloadStarted, workloads_stream, workloads_subject
 from infra.bus import connect, ensure_streams, inbox_prefix_for, seed_public_key
 from infra.db import connect_and_migrate
@@ -487,7 +487,7 @@ async def test_the_services_work_under_their_own_identities(
                 async def fed() -> bool:
                     with contextlib.suppress(nats.errors.TimeoutError):
                         for m in await feed.fetch(2, timeout=0.5):
-                            events.append(UsageRecorded.model_validate(parse_json(m.data)))
+                            events.extend(UsageBatch.model_validate(parse_json(m.data)).records())
                     return len(events) >= 2
 
                 await wait_until(fed, 30, "the usage feed, read by the integrator")

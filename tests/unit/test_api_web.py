@@ -80,12 +80,32 @@ def test_everything_from_users_and_quota_files_is_escaped() -> None:
             quotas=[page.QuotaView(evil, "log.bytes", evil, evil, Decimal(1), Decimal(2),
                                    Decimal(1), "ok", None, [evil], [])],
             events=[page.EventView("terminate", NOW, evil, evil, evil, None, False)],
-            workloads=[page.WorkloadView(evil, evil, NOW, None, None, evil)],
+            workloads=[page.WorkloadView(evil, evil, NOW, None, None, evil),
+                       page.WorkloadView(evil, evil, NOW, None, None, None, stops_at=NOW,
+                                         notice=evil)],
         )
     )  # fmt: skip
 
     assert "<script>" not in html
     assert "&lt;script&gt;" in html
+
+
+def test_a_running_workload_with_a_pending_notice_shows_when_it_stops_and_why() -> None:
+    told = "Tollgate: cpu-day exceeded; this workload stops at 12:30 UTC unless usage falls"
+    html = page.render(
+        page.SubjectPage(
+            subject="ann", viewer=Principal(Role.USER, "ann"), now=NOW, range_key="30d",
+            workloads=[
+                page.WorkloadView("job-1", "h1", NOW, None, None, None,
+                                  stops_at=NOW + timedelta(minutes=15), notice=told),
+                page.WorkloadView("job-2", "h1", NOW, None, None, None),
+            ],
+        )
+    )  # fmt: skip
+    first, second = html.split('data-workload="job-1"')[1].split('data-workload="job-2"')
+    assert f"stops {(NOW + timedelta(minutes=15)):%d %b %H:%M} UTC" in first
+    assert told in first and 'class="pill warning"' in first
+    assert "pill ok" in second and "stops" not in second
 
 
 def test_quota_bars_show_fill_warning_ticks_and_when_quota_returns() -> None:

@@ -11,12 +11,19 @@ from typer.testing import CliRunner
 
 from contracts.commands import commands_wildcard
 from contracts.dlq import dlq_wildcard
+from contracts.notice import notice_subject
 from contracts.quota_events import quota_events_subject
 from contracts.samples import samples_wildcard
 from contracts.spawn import spawn_check_subject
 from contracts.usage import usage_wildcard
 from contracts.workloads import workloads_wildcard
-from tollgate.apidocs import asyncapi_document, asyncapi_yaml, openapi_json
+from tollgate.apidocs import (
+    asyncapi_document,
+    asyncapi_yaml,
+    meter_asyncapi_document,
+    meter_asyncapi_yaml,
+    openapi_json,
+)
 from tollgate.cli import app
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
@@ -47,6 +54,9 @@ def _resolve(doc: dict[str, Any], ref: str) -> Any:
 def test_committed_documents_match_the_code() -> None:
     assert (DOCS / "asyncapi.yaml").read_text() == asyncapi_yaml(), (
         "docs/asyncapi.yaml is stale: run `tollgate docs` and commit it"
+    )
+    assert (DOCS / "asyncapi-meter.yaml").read_text() == meter_asyncapi_yaml(), (
+        "docs/asyncapi-meter.yaml is stale: run `tollgate docs` and commit it"
     )
     assert (DOCS / "openapi.json").read_text() == openapi_json(), (
         "docs/openapi.json is stale: run `tollgate docs` and commit it"
@@ -140,3 +150,33 @@ def test_openapi_lists_every_endpoint_of_the_spec() -> None:
         "/readyz",
         "/metrics",
     } <= paths  # the web page (/) is HTML for people, not part of the API schema
+
+
+def test_the_meters_side_is_generated_from_its_own_declarations() -> None:
+    meter = meter_asyncapi_document()
+    refs = _refs(meter)
+    for ref in refs:
+        _resolve(meter, ref)
+    actions = {
+        c["address"]: meter["operations"][name]["action"]
+        for name, c in meter["channels"].items()
+        if c.get("address")  # the reply channel is the requester's inbox
+    }
+    assert actions == {
+        samples_wildcard().replace("*", "{host}"): "send",
+        workloads_wildcard().replace("*", "{host}"): "send",
+        spawn_check_subject(): "send",
+        "tollgate.v1.commands.terminate.{host}": "receive",
+        notice_subject("X").replace(".X", ".{host}"): "receive",
+    }
+    reply = meter["operations"]["spawn-check"]["reply"]["messages"][0]["$ref"]
+    assert _resolve(meter, _resolve(meter, reply)["$ref"])["payload"]["$ref"].endswith(
+        "/SpawnDecision"
+    )
+    notice = meter["channels"]["notice"]["messages"]
+    payload = _resolve(meter, next(iter(notice.values()))["$ref"])["payload"]
+    union = _resolve(meter, payload["$ref"])
+    assert {r["$ref"].rsplit("/", 1)[1] for r in union["anyOf"]} == {
+        "TerminationScheduled",
+        "TerminationCancelled",
+    }

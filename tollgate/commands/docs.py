@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 ASYNCAPI = "asyncapi.yaml"
+METER_ASYNCAPI = "asyncapi-meter.yaml"
 OPENAPI = "openapi.json"
 
 
@@ -16,10 +17,15 @@ def docs(
         False, "--check", help="write nothing; exit 1 if the files differ from the code"
     ),
 ) -> None:
-    """Write docs/asyncapi.yaml and docs/openapi.json from the code that serves them."""
-    from tollgate.apidocs import asyncapi_yaml, openapi_json
+    """Write docs/asyncapi.yaml, docs/asyncapi-meter.yaml and docs/openapi.json from the code
+    that serves them."""
+    from tollgate.apidocs import asyncapi_yaml, meter_asyncapi_yaml, openapi_json
 
-    wanted = {out / ASYNCAPI: asyncapi_yaml(), out / OPENAPI: openapi_json()}
+    wanted = {
+        out / ASYNCAPI: asyncapi_yaml(),
+        out / METER_ASYNCAPI: meter_asyncapi_yaml(),
+        out / OPENAPI: openapi_json(),
+    }
     stale = [p for p, text in wanted.items() if not p.exists() or p.read_text() != text]
     if check:
         for path in stale:

@@ -63,12 +63,12 @@ def _granter(principal: Principal, target: str | None = None) -> str:
 
 async def _publish(deps: DepsDep, scope: str, target: str, body: bytes) -> None:
     """Cue the policy (it also polls, so a failure here only delays it)."""
-    nc = deps.nc
-    if nc is None or not nc.is_connected:
+    bus, nc = deps.channels(), deps.nc
+    if bus is None or nc is None or not nc.is_connected:
         log.warning("grant recorded but NATS is not connected: the policy sees it on its next poll")
         return
     try:
-        await nc.publish(grants_subject(scope, target, deps.prefix), body)
+        await bus.grants.publish(body, subject=grants_subject(scope, target, deps.prefix))
         await nc.flush(timeout=2)
     except (nats.errors.Error, OSError) as exc:
         log.warning("grant recorded; cueing the policy failed (%r): it polls", exc)

@@ -68,18 +68,18 @@ async def post_spawn_check(
 
 
 async def _ask(deps: DepsDep, subject: str, body: SpawnRequest, timeout: float) -> bytes:
-    nc = deps.nc
-    if nc is None or not nc.is_connected:
+    bus, nc = deps.channels(), deps.nc
+    if bus is None or nc is None or not nc.is_connected:
         raise PolicyUnavailable(f"the API is not connected to NATS at {deps.nats_address}")
     try:
-        msg = await nc.request(subject, body.to_json(), timeout=timeout)
+        msg = await bus.spawn_check.request(body, subject=subject, timeout=timeout)
     except nats.errors.NoRespondersError:
         raise PolicyUnavailable(f"no policy service listens on {subject}") from None
     except nats.errors.TimeoutError:
         raise PolicyUnavailable(f"the policy did not answer within {timeout:g} s") from None
     except (nats.errors.Error, OSError) as exc:
         raise PolicyUnavailable(f"NATS failed the request ({type(exc).__name__})") from None
-    return bytes(msg.data)
+    return bytes(msg.body)
 
 
 def _decision(reply: bytes) -> SpawnDecision:

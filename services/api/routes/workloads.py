@@ -28,7 +28,7 @@ from ..models import (
     WorkloadPublic,
 )
 from ..ranges import HOUR, check_name
-from ..records import WorkloadFacts, workload_facts
+from ..records import WorkloadFacts, pending_notice, workload_facts
 
 router = APIRouter(tags=["workloads"])
 WORKLOAD_NOT_FOUND = "workload not found"
@@ -75,33 +75,18 @@ async def get_workload(
     return _public(workload, owner, facts).model_copy(update={"scheduled_termination": scheduled})
 
 
-# A notice neither cancelled nor carried out by a terminate command (services/policy/notice.py).
-_PENDING_NOTICE = """
-    SELECT d.decision_id, d.decided_at, d.quota, d.inputs->>'terminate_at' AS terminate_at,
-           d.inputs->>'sentence' AS sentence
-    FROM policy_decisions d
-    WHERE d.kind = 'termination_scheduled' AND d.workload = $1 AND d.subject = $2
-      AND NOT EXISTS (SELECT 1 FROM policy_decisions c
-                      WHERE c.decision_id = 'cancel-' || d.decision_id)
-      AND NOT EXISTS (SELECT 1 FROM policy_decisions t
-                      WHERE t.kind = 'terminate' AND t.workload = $1
-                        AND t.inputs->>'notice_id' = d.decision_id)
-    ORDER BY d.decided_at DESC LIMIT 1"""
-
-
 async def _scheduled(
     pool: asyncpg.Pool, workload: str, owner: str
 ) -> ScheduledTerminationPublic | None:
-    async with pool.acquire() as conn:
-        r = await conn.fetchrow(_PENDING_NOTICE, workload, owner)
-    if r is None:
+    notice = await pending_notice(pool, workload, owner)
+    if notice is None:
         return None
     return ScheduledTerminationPublic(
-        notice_id=r["decision_id"],
-        decided_at=r["decided_at"],
-        terminate_at=datetime.fromisoformat(r["terminate_at"]),
-        quota=r["quota"],
-        message=f"Tollgate: {r['sentence']}",
+        notice_id=notice.notice_id,
+        decided_at=notice.decided_at,
+        terminate_at=notice.terminate_at,
+        quota=notice.quota,
+        message=notice.message,
     )
 
 

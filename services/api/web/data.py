@@ -18,7 +18,7 @@ from services.policy.windows import floor_hour, reads_until
 
 from ..humanize import display_unit, human, title_of
 from ..models import GroupBy
-from ..records import recent_decisions, recent_workloads
+from ..records import PendingNotice, pending_notice, recent_decisions, recent_workloads
 from ..store import usage_totals
 from ..subjects import quotas_of
 from ..tokens import Principal
@@ -107,6 +107,17 @@ async def _workload_usage(
     return out
 
 
+async def _notices(
+    pool: asyncpg.Pool, subject: str, workloads: list[asyncpg.Record]
+) -> dict[str, PendingNotice]:
+    """The pending termination notice of each listed workload still running."""
+    found = {}
+    for r in workloads:
+        if r["stopped_at"] is None and (n := await pending_notice(pool, r["workload"], subject)):
+            found[r["workload"]] = n
+    return found
+
+
 async def _costs(
     pool: asyncpg.Pool, config: PolicyConfig, subject: str, start: datetime, end: datetime
 ) -> tuple[dict[str, str], str | None]:
@@ -150,6 +161,7 @@ async def gather(
     decisions = runs(await recent_decisions(pool, subject, now - EVENTS_SINCE, limit=400), 8)
     workloads = await recent_workloads(pool, subject)
     used_by = await _workload_usage(pool, subject, workloads, now)
+    notices = await _notices(pool, subject, workloads)
     costs, total_cost = await _costs(pool, config, subject, starts[0], starts[-1] + span.step)
     return SubjectPage(
         subject=subject,
@@ -208,6 +220,8 @@ async def gather(
                 ignored_commands=r["ignored_commands"],
                 usage_after_command=r["usage_after_command"],
                 resumed_from=r["resumed_from"],
+                stops_at=notice.terminate_at if (notice := notices.get(r["workload"])) else None,
+                notice=notice.message if notice else None,
             )
             for r in workloads
         ],

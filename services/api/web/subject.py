@@ -99,6 +99,9 @@ class WorkloadView:
     ignored_commands: int = 0
     usage_after_command: datetime | None = None
     resumed_from: datetime | None = None
+    # A termination announced and still pending: when, and the sentence the workload got.
+    stops_at: datetime | None = None
+    notice: str | None = None
 
 
 @dataclass
@@ -242,6 +245,9 @@ def _workload(w: WorkloadView) -> str:
     if w.stopped_at is None and w.ignored_commands:
         state = '<span class="pill exceeded">ignores terminate</span>'
         ended = disobeying(w.ignored_commands, w.host, w.usage_after_command)
+    elif w.stopped_at is None and w.stops_at is not None:
+        state = f'<span class="pill warning">stops {when(w.stops_at)}</span>'
+        ended = f'still running<div class="notice small">{e(w.notice or "")}</div>'
     elif w.stopped_at is None:
         state = '<span class="pill ok">running</span>'
         if w.resumed_from is not None:
