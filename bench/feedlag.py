@@ -102,6 +102,10 @@ class FeedLag:
 
     max_seconds: float
     max_events: int
+    # The same lag by the samples alone (no ledger timestamp): how long before each sample
+    # the head first showed the oldest event the feed still lacked (a lower bound, by at
+    # most one interval).
+    max_seconds_by_head: float
     samples: int
     fed_per_s: float  # events the feed published per second over the run
     committed_per_s: float  # events the ledger committed per second over the same run
@@ -120,9 +124,26 @@ def summarize(
     return FeedLag(
         max_seconds=max(s.waited for s in window),
         max_events=max(s.behind for s in window),
+        max_seconds_by_head=_lag_by_head(during, window),
         samples=len(window),
         fed_per_s=(last.fed - first.fed) / elapsed,
         committed_per_s=(last.head - first.head) / elapsed,
         backlog_after=after.behind,
         caught_up_in=None if level.behind else level_seconds,
     )
+
+
+def _lag_by_head(during: list[FeedSample], window: list[FeedSample]) -> float:
+    """Max over `window` of: this sample's time less the first sample's (of `during`, in
+    time order) whose head had passed this sample's feed position."""
+    ordered = sorted(during, key=lambda s: s.at)
+    worst, i = 0.0, 0
+    for s in sorted(window, key=lambda s: s.at):
+        if not s.behind:
+            continue
+        # The feed position only grows, so the first sample to pass it only moves forward.
+        while i < len(ordered) and ordered[i].head <= s.fed:
+            i += 1
+        if i < len(ordered) and ordered[i].at <= s.at:
+            worst = max(worst, s.at - ordered[i].at)
+    return worst

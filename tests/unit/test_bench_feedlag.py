@@ -16,13 +16,15 @@ def test_the_lag_is_the_worst_sample_inside_the_run_and_the_rate_its_ends() -> N
         FeedSample(9.0, head=10, fed=0, waited=9.0),  # before the run: not counted
         first,
         FeedSample(10.5, head=1500, fed=1000, waited=0.8),
-        FeedSample(11.0, head=2000, fed=1900, waited=0.3),
+        FeedSample(11.0, head=2000, fed=1400, waited=0.3),
     ]
     last = FeedSample(12.0, head=3000, fed=2950, waited=0.1)
     after = FeedSample(13.0, head=3400, fed=3000, waited=0.5)
     level = FeedSample(13.5, head=3400, fed=3400, waited=0.0)
     lag = summarize([*during, last], first, last, after, level, 0.5)
-    assert lag.max_seconds == pytest.approx(0.8) and lag.max_events == 500
+    assert lag.max_seconds == pytest.approx(0.8) and lag.max_events == 600
+    # At 11.0 the feed lacked seq 1401, which the head first showed at 10.5.
+    assert lag.max_seconds_by_head == pytest.approx(0.5)
     assert lag.samples == 4
     assert lag.fed_per_s == pytest.approx((2950 - 900) / 2)
     assert lag.committed_per_s == pytest.approx((3000 - 1000) / 2)
