@@ -102,9 +102,8 @@ class FeedLag:
 
     max_seconds: float
     max_events: int
-    # The same lag by the samples alone (no ledger timestamp): how long before each sample
-    # the head first showed the oldest event the feed still lacked (a lower bound, by at
-    # most one interval).
+    # The same lag by the samples of the head alone (no ledger timestamp, so not counting
+    # the ledger's own commit): how long the head had shown the oldest event not yet fed.
     max_seconds_by_head: float
     samples: int
     fed_per_s: float  # events the feed published per second over the run
@@ -134,8 +133,10 @@ def summarize(
 
 
 def _lag_by_head(during: list[FeedSample], window: list[FeedSample]) -> float:
-    """Max over `window` of: this sample's time less the first sample's (of `during`, in
-    time order) whose head had passed this sample's feed position."""
+    """Max over `window` of how long the head had shown the oldest event the feed still
+    lacked: this sample's time less the last sample's (of `during`) whose head had not yet
+    passed the feed's position, an upper bound by at most one interval. When the head had
+    passed it before the first sample, the event's recorded_at age stands in."""
     ordered = sorted(during, key=lambda s: s.at)
     worst, i = 0.0, 0
     for s in sorted(window, key=lambda s: s.at):
@@ -144,6 +145,5 @@ def _lag_by_head(during: list[FeedSample], window: list[FeedSample]) -> float:
         # The feed position only grows, so the first sample to pass it only moves forward.
         while i < len(ordered) and ordered[i].head <= s.fed:
             i += 1
-        if i < len(ordered) and ordered[i].at <= s.at:
-            worst = max(worst, s.at - ordered[i].at)
+        worst = max(worst, s.at - ordered[i - 1].at if i > 0 else s.waited)
     return worst
