@@ -1,4 +1,4 @@
-"""P4 and the usage feed: from a crossing sample to the terminate command, and the feed's pace."""
+"""P4: from a crossing sample to the terminate command, by way of the ledger and the usage feed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-import asyncpg
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -20,19 +19,14 @@ from .load import Fleet
 from .scenarios import P4_GROUP_SIZE, AckFloor
 
 
-async def feed_rate(pool: asyncpg.Pool, seconds: float) -> tuple[int, float]:
-    """The usage feed's backlog (committed events not yet published) and its publish rate."""
-
-    async def positions() -> tuple[int, int]:
-        head = await pool.fetchval("SELECT last_seq FROM ledger_head WHERE id = 1")
-        fed = await pool.fetchval("SELECT seq FROM feed_positions WHERE feed = 'usage'")
-        return int(head), int(fed or 0)
-
-    head, fed0 = await positions()
-    t0 = time.perf_counter()
-    await asyncio.sleep(seconds)
-    _, fed1 = await positions()
-    return head - fed0, (fed1 - fed0) / (time.perf_counter() - t0)
+def mentions(data: bytes, workload: str) -> bool:
+    """Whether a usage-feed message carries an event of `workload`: a per-event
+    `tollgate.usage_recorded.v1` message or a `tollgate.usage_batch.v1` envelope."""
+    body = json.loads(data)
+    events = body.get("events")
+    if isinstance(events, list):
+        return any(e.get("workload") == workload for e in events)
+    return bool(body.get("workload") == workload)
 
 
 @dataclass
@@ -71,9 +65,7 @@ async def p4_enforcement(nc: Client, fleet: Fleet, trials: int, run: str) -> Enf
                 fut.set_result((time.perf_counter(), msg.data))
 
         async def on_usage(msg: Msg, fut: asyncio.Future[float] = fed, w: str = workload) -> None:
-            # A tollgate.usage_batch.v1 envelope: is the crossing sample's event in it?
-            events = json.loads(msg.data).get("events", [])
-            if not fut.done() and any(e.get("workload") == w for e in events):
+            if not fut.done() and mentions(msg.data, w):
                 fut.set_result(time.perf_counter())
 
         subs = [

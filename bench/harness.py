@@ -19,6 +19,7 @@ from infra.bus import connect, ensure_streams
 from infra.db import connect_and_migrate
 
 from . import baselines, enforcement, ledger_data, scenarios
+from .feedlag import LEVEL_WAIT, FeedLag, FeedWatch
 from .load import Fleet
 from .report import Goal, Line, Report, fmt, latency_lines, ratio, rich_table
 from .stack import (
@@ -175,10 +176,13 @@ async def _steps(
         if "p1" in steps:
             p1 = await scenarios.p1_ingest(
                 nc, fleet, services, progress, seconds=mode.p1_seconds, warmup=mode.p1_warmup,
-                meters=meters,
+                meters=meters, feed=FeedWatch(pool),
             )  # fmt: skip
             _p1_lines(report, p1, base, fleet, services)
             _said(progress, report, "P1", "P1 msgs")
+            if p1.feed is not None:
+                _feed_lines(report, p1.feed, p1)
+                _said(progress, report, "Feed", "Feed lag", "Feed backlog")
             rate = p1.msgs_per_s
 
         if "half" in steps:
@@ -188,17 +192,15 @@ async def _steps(
             )  # fmt: skip
             _half_lines(report, half, base, fleet)
             _said(progress, report, "P2 p99", "P3 NATS p99", "P3 HTTP p99")
-
-        if "half" in steps or "p1" in steps:
-            step = progress.add_task("usage feed backlog and rate", total=None)
-            backlog, rate_fed = await enforcement.feed_rate(pool, 10)
-            progress.update(step, total=1, completed=1)
-            report.add(Line(
-                "Feed", "usage feed publish rate after the ingest runs", rate_fed, "events/s",
-                note=f"{backlog:,} committed events were not yet on the feed; one JetStream "
-                     "message per event",
-            ))  # fmt: skip
-            _said(progress, report, "Feed")
+            tenth = await scenarios.ingest_lag(
+                nc, fleet, progress, msgs_per_s=rate / 10, seconds=mode.half_seconds
+            )
+            tenth_rate = f"{rate / 10:,.1f} msgs/s = {rate / 10 * fleet.series:,.0f} points/s"
+            at = f"at a tenth of P1: {tenth_rate}, no spawn checks"
+            for line in latency_lines("P2 tenth", "ingest lag, JetStream ack -> ledger commit",
+                                      tenth, goal_p99_ms=250, note=at):  # fmt: skip
+                report.add(line)
+            _said(progress, report, "P2 tenth p99")
         for s in services:
             await s.stop()
     await nc.close()
@@ -217,6 +219,10 @@ async def _big_ledger(
         t0 = time.perf_counter()
         events = await ledger_data.seed(conn, mode.events, progress)
         seeded = time.perf_counter() - t0
+        # A live ledger updates its rollup all the time, so autovacuum visits it every few
+        # minutes and marks the settled pages all-visible (what the quota queries' index-only
+        # scans read); after a bulk seed it would get there a minute or so later.
+        visible = await ledger_data.vacuum_rollup(conn)
         step = progress.add_task("P5 quota queries", total=None)
         p5, api = await ledger_data.p5_quota_queries(
             stack, big, mode.p5_requests, stack.work / "logs"
@@ -225,7 +231,7 @@ async def _big_ledger(
         await api.stop()
         progress.update(step, total=1, completed=1)
         step = progress.add_task("P6 replay --rebuild vs GROUP BY", total=None)
-        rebuild, group_by = await ledger_data.p6_rebuild(stack, conn, big)
+        p6 = await ledger_data.p6_rebuild(stack, conn, big)
         progress.update(step, total=1, completed=1)
     await big_pool.close()
     size = f"{events:,} events" + (" (quick mode; BENCH_FULL=1 for 10M)" if
@@ -235,16 +241,21 @@ async def _big_ledger(
     for line in latency_lines("P5", what, p5, goal_p99_ms=20, note=note):
         report.add(line)
     report.add(Line(
-        "P6", "tollgate replay --rebuild", rebuild, "s", "GROUP BY", ratio(rebuild, group_by),
-        Goal("ratio", at_most=2, text="<= 2 x GROUP BY"),
-        note=f"{size}; bare GROUP BY {group_by:.2f} s; the command's wall time, "
-             "interpreter start included",
+        "P6", "tollgate replay --rebuild", p6.command, "s", "GROUP BY",
+        ratio(p6.command, p6.group_by), Goal("ratio", at_most=2, text="<= 2 x GROUP BY"),
+        note=f"{size}; the command's wall time, interpreter start included; the comparison "
+             f"alone {p6.in_process:.2f} s; bare GROUP BY {p6.group_by:.2f} s (the rollup's "
+             f"key and sums; {p6.group_by_unsummed:.2f} s and "
+             f"{ratio(p6.command, p6.group_by_unsummed):.2f} x without gpu_model and with "
+             "the sums left unread, which the planner then skips)",
     ))  # fmt: skip
     _said(progress, report, "P5 p99", "P6")
     report.notes.append(
         f"P5/P6 ledger: {events:,} events seeded through services.ledger.store."
         f"apply_readings (fold, hash chain, rollups) in {seeded:.0f} s "
-        f"({events / seeded:,.0f} events/s), in a second database on the same server"
+        f"({events / seeded:,.0f} events/s), in a second database on the same server; "
+        f"then VACUUM (ANALYZE) usage_hourly (autovacuum had marked {visible:.0%} of its "
+        "pages all-visible)"
     )
 
 
@@ -265,7 +276,7 @@ def _p1_lines(
     report.add(Line(
         "P1", "end-to-end ingest, publish -> committed + acked", p1.points_per_s, "points/s",
         "B1", ratio(p1.points_per_s, base.copy_rows_per_s),
-        Goal("ratio", at_least=0.25, text=">= 0.25 x B1"), note=shape,
+        Goal("ratio", at_least=0.5, text=">= 0.5 x B1"), note=shape,
     ))  # fmt: skip
     report.add(Line(
         "P1 msgs", "end-to-end ingest, messages", p1.msgs_per_s, "msgs/s",
@@ -294,7 +305,41 @@ def _half_lines(
     http_50, http_99 = latency_lines(
         "P3 HTTP", "spawn check over HTTP", half.http_checks, note=load
     )
-    http_99.ratio_to, http_99.ratio = "B4 p99", ratio(http_99.value, base.http_p99_ms)
-    http_99.goal = Goal("ratio", at_most=2, text="p99 <= 2 x B4 p99")
+    # HTTP adds the API's hop to the NATS path: allowed twice an idle HTTP round trip (B4).
+    http_99.ratio_to = "B4 p99, beyond NATS p99"
+    http_99.ratio = ratio(http_99.value - nats_99.value, base.http_p99_ms)
+    if base.http_p99_ms:
+        bound = nats_99.value + 2 * base.http_p99_ms
+        http_99.goal = Goal("value", at_most=bound,
+                            text=f"p99 <= NATS p99 + 2 x B4 p99 = {fmt(bound, 'ms')}")  # fmt: skip
     for line in (nats_50, nats_99, http_50, http_99):
         report.add(line)
+
+
+def _feed_lines(report: Report, feed: FeedLag, p1: scenarios.IngestResult) -> None:
+    """The usage feed during P1 (read from Postgres: the head against the feed's position)."""
+    # Never more than 1 s behind means: over the run, at most 1 s of P1's events short.
+    floor = 1 - 1 / p1.seconds
+    report.add(Line(
+        "Feed", "usage feed publish rate during P1", feed.fed_per_s, "events/s",
+        "P1", ratio(feed.fed_per_s, p1.points_per_s),
+        Goal("ratio", at_least=floor, text=f">= P1's rate (less 1 s over the run: {floor:.3f})"),
+        note=f"the ledger committed {feed.committed_per_s:,.0f} events/s over the same "
+             f"{p1.seconds:.0f} s",
+    ))  # fmt: skip
+    report.add(Line(
+        "Feed lag", "usage feed behind the ledger head during P1, max", feed.max_seconds_by_head,
+        "s", goal=Goal("value", at_most=1, text="<= 1 s"),
+        note=f"max {feed.max_events:,} events behind; {feed.samples:,} samples every 100 ms of "
+             "the head and the feed's position: how long the head had shown the oldest event "
+             "not yet fed (to within 100 ms, upwards); that event's age since its recorded_at, "
+             f"stamped before its batch commits: max {feed.max_seconds:.2f} s",
+    ))  # fmt: skip
+    bound = p1.points_per_s  # 1 s of P1's rate
+    caught = (f"the feed was not level within {LEVEL_WAIT:.0f} s" if feed.caught_up_in is None
+              else f"level with the head {feed.caught_up_in:.1f} s later")  # fmt: skip
+    report.add(Line(
+        "Feed backlog", "committed events not on the feed right after P1", feed.backlog_after,
+        "events", goal=Goal("value", at_most=bound, text=f"<= 1 s of P1 ({fmt(bound)})"),
+        note=f"once the ledger had committed all of P1; {caught}",
+    ))  # fmt: skip

@@ -16,6 +16,7 @@ from contracts.samples import samples_stream
 from contracts.spawn import SpawnDecision, SpawnRequest, spawn_check_subject
 from contracts.workloads import Resources
 
+from .feedlag import LEVEL_WAIT, FeedLag, FeedWatch, summarize
 from .http import KeepAlivePool
 from .load import Fleet, Window, paced, timed
 from .stack import ADMIN, CpuMeter, Service, machine_busy, machine_busy_start
@@ -94,13 +95,20 @@ class IngestResult:
     seconds: float
     messages: int
     cpu: dict[str, float] = field(default_factory=dict)
+    feed: FeedLag | None = None
 
 
 async def p1_ingest(
     nc: Client, fleet: Fleet, services: list[Service], progress: Progress, *,
     seconds: float, warmup: float, meters: dict[str, CpuMeter], backlog: int = 3000,
+    feed: FeedWatch | None = None,
 ) -> IngestResult:  # fmt: skip
-    """Publish as fast as the ledger commits (bounded backlog); count points acked per second."""
+    """Publish as fast as the ledger commits (bounded backlog); count points acked per second.
+
+    With `feed`, the usage feed is sampled against the ledger head throughout (every
+    100 ms), once more when the ledger has committed everything published, and then until
+    the feed has caught up (at most LEVEL_WAIT s).
+    """
     floor = AckFloor(nc, fleet.prefix)
     pub = Window(nc.jetstream(), 128)
     base = await stream_last_seq(nc, fleet.prefix)
@@ -139,6 +147,7 @@ async def p1_ingest(
     machine_busy_start()
     first = await floor.read()
     t_first = time.perf_counter()
+    feed_first = await feed.start() if feed is not None else None
     task = progress.add_task("P1 sustained ingest", total=seconds)
     while (elapsed := time.perf_counter() - t_first) < seconds:
         progress.update(task, completed=elapsed)
@@ -148,6 +157,7 @@ async def p1_ingest(
         await asyncio.sleep(0.25)
     last = await floor.read()
     elapsed = time.perf_counter() - t_first
+    feed_last = await feed.stop() if feed is not None else None
     cpu = {s.name: s.cpu_share() for s in services}
     cpu |= {name: m.cores() for name, m in meters.items()}
     cpu["machine"] = machine_busy()
@@ -157,10 +167,89 @@ async def p1_ingest(
     stop_rss.set()
     await sampler
     await floor.wait_for(base + published)  # the next phase starts with no backlog
+    lag = None
+    if feed is not None and feed_first is not None and feed_last is not None:
+        after = await feed.once()
+        level, level_seconds = await feed.until_level(LEVEL_WAIT)
+        lag = summarize(feed.samples, feed_first, feed_last, after, level, level_seconds)
     messages = last - first
     return IngestResult(
-        messages * fleet.series / elapsed, messages / elapsed, elapsed, messages, cpu
+        messages * fleet.series / elapsed, messages / elapsed, elapsed, messages, cpu, lag
     )
+
+
+class PacedIngest:
+    """Samples published at a steady rate; while `recording`, each sample's lag from its
+    JetStream publish ack to the ledger's commit (the consumer's ack floor passing it)."""
+
+    def __init__(self, nc: Client, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.floor = AckFloor(nc, fleet.prefix)
+        self.pub = Window(nc.jetstream(), 64)
+        self.acked_at: dict[int, float] = {}
+        self.lags: list[float] = []
+        self.recording = False
+        self._queue: list[tuple[str, bytes, dict[str, str]]] = []
+        self._polling: asyncio.Task[None] | None = None
+
+    def _on_ack(self, seq: int, t: float) -> None:
+        if not self.recording:
+            return
+        if seq <= self.floor.seq:
+            self.lags.append(0.0)  # committed before its publish ack reached us
+        else:
+            self.acked_at[seq] = t
+
+    async def _publish_one(self) -> None:
+        if not self._queue:
+            self._queue.extend(reversed(self.fleet.messages()))
+        subject, body, headers = self._queue.pop()
+        await self.pub.publish(subject, body, headers, on_ack=self._on_ack)
+
+    async def _poll(self) -> None:
+        # Every 10 ms: the lag is exact to within one poll plus one consumer-info round trip.
+        while self.recording or self.acked_at:
+            seq = await self.floor.read()
+            now = time.perf_counter()
+            for s in [s for s in self.acked_at if s <= seq]:
+                self.lags.append(now - self.acked_at.pop(s))
+            await asyncio.sleep(0.01)
+
+    async def record(self) -> None:
+        """Start recording lags (from the samples published from now on)."""
+        await self.floor.read()
+        self.recording = True
+        self._polling = asyncio.create_task(self._poll())
+
+    async def stop_recording(self) -> list[float]:
+        """Stop recording; wait for the samples already published to commit; their lags."""
+        self.recording = False
+        if self._polling is not None:
+            await asyncio.wait_for(self._polling, 120)
+            self._polling = None
+        return self.lags
+
+    async def run(self, msgs_per_s: float, seconds: float) -> None:
+        """Publish at `msgs_per_s` for `seconds`, then wait for every JetStream ack."""
+        await paced(msgs_per_s, seconds, self._publish_one)
+        await self.pub.drain()
+
+
+async def ingest_lag(
+    nc: Client, fleet: Fleet, progress: Progress, *, msgs_per_s: float, seconds: float
+) -> list[float]:
+    """P2 on its own: the lag of every sample published at `msgs_per_s` for `seconds`."""
+    ingest = PacedIngest(nc, fleet)
+    task = progress.add_task(f"P2 lag at {msgs_per_s:,.1f} msgs/s", total=seconds)
+    await ingest.record()
+    running = asyncio.create_task(ingest.run(msgs_per_s, seconds))
+    t0 = time.perf_counter()
+    while not running.done():
+        progress.update(task, completed=min(time.perf_counter() - t0, seconds))
+        await asyncio.sleep(0.25)
+    await running
+    progress.update(task, completed=seconds)
+    return await ingest.stop_recording()
 
 
 @dataclass
@@ -180,40 +269,7 @@ async def half_rate(
     """Samples at half P1's rate throughout: for `seconds` P2 (each sample's lag to its
     commit), then P3, spawn checks at `check_rate` over NATS and then over HTTP, each for
     `seconds`. P2 runs without spawn checks, so each figure has only its own load."""
-    floor = AckFloor(nc, fleet.prefix)
-    await floor.read()
-    pub = Window(nc.jetstream(), 64)
-    acked_at: dict[int, float] = {}
-    lags: list[float] = []
-    queue: list[tuple[str, bytes, dict[str, str]]] = []
-    stop = asyncio.Event()
-
-    lag_window = True
-
-    def on_ack(seq: int, t: float) -> None:
-        if not lag_window:
-            return
-        if seq <= floor.seq:
-            lags.append(0.0)  # committed before its publish ack reached us
-        else:
-            acked_at[seq] = t
-
-    async def publish_one() -> None:
-        if not queue:
-            queue.extend(reversed(fleet.messages()))
-        subject, body, headers = queue.pop()
-        await pub.publish(subject, body, headers, on_ack=on_ack)
-
-    async def poller() -> None:
-        # Every 10 ms: the lag is exact to within one poll plus one consumer-info round trip.
-        while (lag_window and not stop.is_set()) or acked_at:
-            seq = await floor.read()
-            now = time.perf_counter()
-            for s in [s for s in acked_at if s <= seq]:
-                lags.append(now - acked_at.pop(s))
-            await asyncio.sleep(0.01)
-
-    polling = asyncio.create_task(poller())
+    ingest = PacedIngest(nc, fleet)
     subjects = fleet.subject_names()
     denied = 0
     n = 0
@@ -266,18 +322,17 @@ async def half_rate(
         nats_lat.clear()
         http_lat.clear()
         task = progress.add_task("P2 lag, P3 spawn checks (half-rate ingest)", total=3)
-        ingest = asyncio.create_task(paced(msgs_per_s, 3 * seconds, publish_one))
+        await ingest.record()
+        running = asyncio.create_task(ingest.run(msgs_per_s, 3 * seconds))
         await asyncio.sleep(seconds)  # P2: the samples' lags are recorded meanwhile
-        lag_window = False
+        lags_done = asyncio.create_task(ingest.stop_recording())
         progress.update(task, completed=1)
         await paced(check_rate, seconds, over_nats)
         progress.update(task, completed=2)
         await paced(check_rate, seconds, over_http)
         progress.update(task, completed=3)
-        await ingest
+        await running
     finally:
         await http.close()
-    await pub.drain()
-    stop.set()
-    await asyncio.wait_for(polling, 120)
+    lags = await lags_done
     return HalfRateResult(lags, nats_lat, http_lat, denied, msgs_per_s, check_rate)

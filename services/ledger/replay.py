@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -108,46 +109,92 @@ class RebuildResult:
         return self.missing == 0 and self.extra == 0
 
 
-_REBUILT = """SELECT subject, metric, date_trunc('hour', window_end, 'UTC') AS hour,
-                       workload, host, sum(delta)::numeric(38, 6) AS total,
-                       count(*)::integer AS events,
-                       coalesce(labels->>'gpu_model', '') AS gpu_model
-                FROM usage_events GROUP BY 1, 2, 3, 4, 5, 8"""
+# The hourly rollup as the events imply it. `hour` is the UTC hour: rebuild_rollups sets the
+# transaction's time zone to UTC, where date_trunc's two-argument form (cheaper than naming
+# the zone on every row) truncates to the same hour the ledger's writer does.
+REBUILT = """SELECT subject, metric, date_trunc('hour', window_end) AS hour,
+                      workload, host, sum(delta)::numeric(38, 6) AS total,
+                      count(*)::integer AS events,
+                      coalesce(labels->>'gpu_model', '') AS gpu_model
+               FROM usage_events GROUP BY 1, 2, 3, 4, 5, 8"""
+
+# One aggregate over the events and the projection together, so the comparison costs one
+# more row per projection row in the same hash or sort, not a second hash of every rebuilt
+# row and a join. Per key: `s` = sum of the events' deltas less the projection's total,
+# `c` = the events counted less the projection's count, `p` = projection rows (0 or 1: it is
+# the primary key), `n` = rows in the group, of which n - p are events. A row matches
+# exactly when both sides exist and s = 0 and c = 0 (numeric arithmetic: exact).
+# `$2` of `$1` parts: the keys whose metric, host and workload hash to it (a key's rows all
+# do, on either side), so parts compared on separate connections at once cover every key
+# once.
+_COMPARE = """
+    WITH both_sides AS (
+        SELECT subject, metric, date_trunc('hour', window_end) AS hour, workload, host,
+               coalesce(labels->>'gpu_model', '') AS gpu_model, delta AS x, 1 AS k, 0 AS p
+        FROM usage_events
+        WHERE $1::int = 1 OR (hashtext(metric || host || workload) & 65535) % $1::int = $2::int
+        UNION ALL
+        SELECT subject, metric, hour, workload, host, gpu_model, -total, -events, 1
+        FROM usage_hourly
+        WHERE $1::int = 1 OR (hashtext(metric || host || workload) & 65535) % $1::int = $2::int),
+    keyed AS (
+        SELECT sum(x) AS s, sum(k) AS c, sum(p) AS p, count(*) AS n
+        FROM both_sides GROUP BY subject, metric, hour, workload, host, gpu_model)
+    SELECT count(*) FILTER (WHERE n > p) AS rows,
+           count(*) FILTER (WHERE n > p AND (p = 0 OR s <> 0 OR c <> 0)) AS missing,
+           count(*) FILTER (WHERE p > 0 AND (n = p OR s <> 0 OR c <> 0)) AS extra
+    FROM keyed"""
 
 
-async def rebuild_rollups(conn: asyncpg.Connection, apply: bool = True) -> RebuildResult:
+async def _compare_part(conn: asyncpg.Connection, parts: int, part: int) -> RebuildResult:
+    """One part of the comparison, inside the caller's transaction on `conn`."""
+    await conn.execute("SET LOCAL TimeZone = 'UTC'")
+    # Postgres's own parallel plan for this aggregate finalizes every partial numeric sum
+    # in one process (serialized states: slower than no workers at all); the parts are the
+    # parallelism, one Postgres process each.
+    await conn.execute("SET LOCAL max_parallel_workers_per_gather = 0")
+    found = await conn.fetchrow(_COMPARE, parts, part)
+    assert found is not None
+    return RebuildResult(int(found["rows"]), int(found["missing"]), int(found["extra"]))
+
+
+async def _helper_part(conn: asyncpg.Connection, parts: int, part: int) -> RebuildResult:
+    async with conn.transaction(readonly=True):
+        return await _compare_part(conn, parts, part)
+
+
+async def rebuild_rollups(
+    conn: asyncpg.Connection, apply: bool = True, helpers: Sequence[asyncpg.Connection] = ()
+) -> RebuildResult:
     """Recompute `usage_hourly` from `usage_events`; compare; replace it when `apply`.
 
     The ledger head is locked meanwhile, so no batch commits between reading the events
-    and writing the projection. The comparison is one pass: the events' GROUP BY hash-joined
-    to the projection (a row that differs counts as missing and as extra, as with EXCEPT),
-    so a rebuild that finds nothing to do costs little more than the GROUP BY itself.
+    and writing the projection (every batch takes that lock first). Every row the events
+    imply is compared exactly with the projection's row of the same key (a row that
+    differs counts as missing and as extra, as with EXCEPT) in one pass (`_COMPARE`): a
+    rebuild that finds nothing to do costs the GROUP BY plus one row per projection row;
+    only a projection that differs is rewritten. With `helpers` (more connections to the
+    same database), the keys are split into 1 + len(helpers) parts compared at once, each
+    by one Postgres process; they start once the lock is held, so they read the same rows.
     """
     async with conn.transaction():
+        await conn.execute("SET LOCAL TimeZone = 'UTC'")
         await conn.execute("SELECT 1 FROM ledger_head WHERE id = 1 FOR UPDATE")
-        found = await conn.fetchrow(
-            f"""WITH rebuilt AS ({_REBUILT})
-                SELECT count(r.subject) AS rows,
-                       count(*) FILTER (WHERE r.subject IS NOT NULL AND (h.subject IS NULL
-                           OR (r.total, r.events) IS DISTINCT FROM (h.total, h.events)))
-                           AS missing,
-                       count(*) FILTER (WHERE h.subject IS NOT NULL AND (r.subject IS NULL
-                           OR (r.total, r.events) IS DISTINCT FROM (h.total, h.events)))
-                           AS extra
-                FROM rebuilt r FULL JOIN usage_hourly h
-                  ON r.subject = h.subject AND r.metric = h.metric AND r.hour = h.hour
-                 AND r.workload = h.workload AND r.host = h.host
-                 AND r.gpu_model = h.gpu_model"""
+        parts = 1 + len(helpers)
+        found = await asyncio.gather(
+            _compare_part(conn, parts, 0),
+            *(_helper_part(c, parts, i) for i, c in enumerate(helpers, start=1)),
         )
-        assert found is not None
-        rows, missing, extra = found["rows"], found["missing"], found["extra"]
+        rows = sum(f.rows for f in found)
+        missing = sum(f.missing for f in found)
+        extra = sum(f.extra for f in found)
         if apply and (missing or extra):
             await conn.execute("DELETE FROM usage_hourly")
             await conn.execute(
                 "INSERT INTO usage_hourly (subject, metric, hour, workload, host, total, events,"
-                f" gpu_model) {_REBUILT}"
+                f" gpu_model) {REBUILT}"
             )
-    return RebuildResult(int(rows), int(missing), int(extra))
+    return RebuildResult(rows, missing, extra)
 
 
 async def events_after(

@@ -26,11 +26,12 @@ async def hourly_usage(
     until: datetime,
 ) -> list[tuple[str, datetime, Decimal]]:
     """(workload, hour, total) for the subjects and metric in [since, until) (since None:
-    from the beginning)."""
+    from the beginning). Here and below an open end is `coalesce(since, '-infinity')`, not
+    `since IS NULL OR ...`, so that the window is a range on the rollup's key."""
     rows = await conn.fetch(
         """SELECT workload, hour, sum(total) AS total FROM usage_hourly
            WHERE subject = ANY($1::text[]) AND metric = $2
-             AND ($3::timestamptz IS NULL OR hour >= $3) AND hour < $4
+             AND hour >= coalesce($3::timestamptz, '-infinity') AND hour < $4
            GROUP BY workload, hour""",
         list(subjects),
         metric,
@@ -51,7 +52,7 @@ async def hourly_totals(
     rows = await conn.fetch(
         """SELECT hour, sum(total) AS total FROM usage_hourly
            WHERE subject = ANY($1::text[]) AND metric = $2
-             AND ($3::timestamptz IS NULL OR hour >= $3) AND hour < $4
+             AND hour >= coalesce($3::timestamptz, '-infinity') AND hour < $4
            GROUP BY hour ORDER BY hour""",
         list(subjects),
         metric,
@@ -72,8 +73,8 @@ async def priced_hours(
     rows = await conn.fetch(
         """SELECT subject, metric, gpu_model, hour, sum(total) AS total FROM usage_hourly
            WHERE ($1::text[] IS NULL OR subject = ANY($1::text[])) AND metric = ANY($2::text[])
-             AND ($3::timestamptz IS NULL OR hour >= $3)
-             AND ($4::timestamptz IS NULL OR hour < $4)
+             AND hour >= coalesce($3::timestamptz, '-infinity')
+             AND hour < coalesce($4::timestamptz, 'infinity')
            GROUP BY subject, metric, gpu_model, hour""",
         None if subjects is None else list(subjects),
         list(metrics),
@@ -114,7 +115,7 @@ async def usage_totals(
                 AS q(i, metric, since, per_workload, until)
            JOIN unnest($5::int[], $6::text[]) AS qs(i, subject) ON qs.i = q.i
            JOIN usage_hourly h ON h.subject = qs.subject AND h.metric = q.metric
-                AND (q.since IS NULL OR h.hour >= q.since) AND h.hour < q.until
+                AND h.hour >= coalesce(q.since, '-infinity') AND h.hour < q.until
            GROUP BY 1, 2""",
         list(range(len(specs))),
         [spec.metric for spec in specs],
