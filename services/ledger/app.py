@@ -268,20 +268,41 @@ class LedgerService:
             return True
         inflight = self._inflight is not None and not self._inflight.done()
         before = self._inflight_plan if inflight else None
-        planned = await ingest.plan_ahead(self.pool, self.cache, items, last_stream_seq, before)
+        try:
+            planned: store.Plan | None = await ingest.plan_ahead(
+                self.pool, self.cache, items, last_stream_seq, before
+            )
+        except TRANSIENT as exc:
+            planned = self._cannot_plan(exc)
         if not await self.settle():
             return False  # stopping: nothing of this chunk was written; it is redelivered
         done = self._last_done
-        if before is not None and done is not None and done.plan is before and done.as_planned:
+        if planned is None:
+            pass  # folded under the commit's lock, which retries until Postgres is back
+        elif before is not None and done is not None and done.plan is before and done.as_planned:
             assert planned.head[:3] == done.head[:3]
             planned.head = done.head  # it follows exactly the commit it was planned after
         elif planned.head != self.cache.head:
             # Planned after a batch that was re-planned (or not committed): plan it again.
-            planned = await ingest.plan_ahead(self.pool, self.cache, items, last_stream_seq, None)
+            try:
+                planned = await ingest.plan_ahead(
+                    self.pool, self.cache, items, last_stream_seq, None
+                )
+            except TRANSIENT as exc:
+                planned = self._cannot_plan(exc)
         self._inflight_plan = planned
         task = self._commit_and_ack(msgs, items, last_stream_seq, planned, skewed, stop)
         self._inflight = asyncio.create_task(task)
         return True
+
+    def _cannot_plan(self, exc: BaseException) -> None:
+        """Postgres went away while a batch was planned: fold it under the commit's lock."""
+        self.cache.clear()  # what the database holds is read again once it is back
+        log.warning(
+            "ledger: cannot read series states to plan a batch (%s: %s); it is folded when "
+            "its commit gets through, retried until Postgres is back",
+            type(exc).__name__, exc,
+        )  # fmt: skip
 
     async def settle(self) -> bool:
         """Wait for the transaction in flight; False if it was cut short by stopping."""

@@ -156,7 +156,7 @@ def batch_of_result(result: BatchResult, lo: int = 0, hi: int | None = None) -> 
         # The ledger's times are UTC already: the checks are for safety, not conversion.
         event = FeedEvent(
             e.seq, k.host, k.epoch, k.workload, k.metric, delta_text(u.delta), _utc(u.window_end),
-            _maybe_utc(u.window_start), u.reset, u.labels or _NO_LABELS,
+            _maybe_utc(u.window_start), u.reset, dict(u.labels) if u.labels else _NO_LABELS,
             _maybe_utc(u.received_at), _maybe_utc(u.sampled_at), _amount(u.clock_skew),
         )  # fmt: skip
         events.append(encode(event))

@@ -112,6 +112,14 @@ async def test_clocks_of_1970_and_2099_are_clamped_and_every_read_path_agrees_un
         await wait_logged(denied, log, f"the policy to deny {subject}", 30)
         over_http = await spawn_http(api, subject)
         over_nats = await spawn_nats(servers.nats_url, prefix, subject)
+
+        # The groups a spawn check named reach the API with the decision's record (the
+        # policy journals them behind its reply, within a tenth of a second).
+        async def grouped(subject: str = subject) -> bool:
+            quotas = await get(api, f"/v1/subjects/{subject}/quotas")
+            return any(q["name"] == "memory-30d" for q in quotas["quotas"])
+
+        await wait_logged(grouped, log, f"{subject}'s groups in the quotas endpoint", 30)
         quotas = await get(api, f"/v1/subjects/{subject}/quotas")
         (q,) = [q for q in quotas["quotas"] if q["name"] == "memory-30d"]
         for status in (memory(over_http), memory(over_nats), q):

@@ -14,6 +14,7 @@ import sys
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
+from types import MappingProxyType
 
 import asyncpg
 import nats
@@ -127,7 +128,8 @@ async def test_memory_and_postgres_give_the_same_envelopes_byte_for_byte(
     now = datetime.now(UTC)
     keys = [SeriesKey(unique("h"), "e1", s, "w", m) for s in (unique("x"), unique("y"))
             for m in ("cpu.used.seconds", "log.bytes")]  # fmt: skip
-    labels = {"zone": "b", "gpu_model": "H100", "a": "1"}  # jsonb reorders keys
+    # jsonb reorders keys; read-only, as the ledger's fold makes them (domain.readings)
+    labels = MappingProxyType({"zone": "b", "gpu_model": "H100", "a": "1"})
     results = []
     async with pool.acquire() as conn:
         for round_ in range(1, 4):
