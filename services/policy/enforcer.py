@@ -36,7 +36,11 @@ from .turns import Turns
 from .workloads import LIVE_WITHOUT_START
 
 log = logging.getLogger("tollgate.policy.enforcer")
-STEP_EVERY = 0.1  # seconds: the shortest time between two evaluations
+STEP_EVERY = 0.1  # seconds: the longest pause between two evaluations under load
+# Evaluations take at most about 1/(1 + PAUSE_FACTOR) of the loop: after a step that took
+# d seconds the next waits PAUSE_FACTOR * d (at most STEP_EVERY). A quiet system's step is
+# a millisecond, so a crossing is acted on at once; a busy one's pauses stretch with it.
+PAUSE_FACTOR = 4.0
 
 
 class Enforcer:
@@ -68,12 +72,12 @@ class Enforcer:
     async def run(self, stop: asyncio.Event) -> None:
         backoff = 0.2
         unpublished = True  # rows left by an earlier run, or by a failed publish
-        stepped = -STEP_EVERY
+        next_at = 0.0
         while not stop.is_set():
             await _wait(self.live.wake, 0.5)
-            # While usage streams in, every folded slice wakes us: evaluate at most every
-            # STEP_EVERY, each time for all subjects dirtied since (at rest, at once).
-            rest = stepped + STEP_EVERY - time.monotonic()
+            # While usage streams in, every folded slice wakes us: pause in proportion to
+            # the last step (PAUSE_FACTOR), each time for all subjects dirtied since.
+            rest = next_at - time.monotonic()
             if rest > 0:
                 await _wait(stop, rest)
             self.live.wake.clear()
@@ -96,6 +100,8 @@ class Enforcer:
                 await _wait(stop, backoff)
                 backoff = min(backoff * 2, 5.0)
                 self.live.wake.set()
+            done = time.monotonic()
+            next_at = done + min(STEP_EVERY, PAUSE_FACTOR * (done - stepped))
 
     def _sweep_targets(self, view: View) -> set[str]:
         """Subjects whose standing can change with time alone (windows roll, hours turn)."""
