@@ -298,7 +298,7 @@ async def test_an_integrator_asks_reads_and_publishes_nothing_else(secured: Secu
         await hub.nc.flush()
         block = SpawnBlock(subject="alice", quota="q", reason="compute_quota_exceeded")
         await policy.nc.jetstream().publish(block_subject("alice", s.prefix), block.to_json())
-        assert (await blocks.next_msg(timeout=5)).data == block.to_json()
+        assert (await blocks.next_msg(timeout=20)).data == block.to_json()
 
         async with peer(s, "ledger") as ledger:
             await ledger.nc.jetstream().publish(f"{s.prefix}.v1.usage.alice", b'{"n": 1}')
