@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import nats.errors
+from nats.aio.client import Client
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -192,6 +194,8 @@ async def _steps(
             )  # fmt: skip
             _half_lines(report, half, base, fleet)
             _said(progress, report, "P2 p99", "P3 NATS p99", "P3 HTTP p99")
+            # Like P2 after P1: the tenth starts with nothing queued from the step before.
+            await _drained(nc, pool, fleet.prefix)
             tenth = await scenarios.ingest_lag(
                 nc, fleet, progress, msgs_per_s=rate / 10, seconds=mode.half_seconds
             )
@@ -208,6 +212,12 @@ async def _steps(
     await pool.close()
     if "big" in steps:
         await _big_ledger(stack, mode, report, services, progress)
+
+
+async def _drained(nc: Client, pool: asyncpg.Pool, prefix: str) -> None:
+    """Until the ledger has committed every sample published and the feed has them all."""
+    await scenarios.AckFloor(nc, prefix).wait_for(await scenarios.stream_last_seq(nc, prefix))
+    await FeedWatch(pool).until_level(LEVEL_WAIT)
 
 
 async def _big_ledger(
