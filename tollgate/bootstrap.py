@@ -9,6 +9,8 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -30,6 +32,13 @@ log = logging.getLogger("tollgate")
 STOP_GRACE = 3.0
 
 
+# A server that is not up yet, or up and not answering (NATS frozen, JetStream not ready).
+_UNREACHABLE = (
+    OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError,
+    nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
+)  # fmt: skip
+
+
 async def _retry(
     what: str, attempt: Callable[[], Awaitable[object]], stop: asyncio.Event
 ) -> object:
@@ -38,7 +47,7 @@ async def _retry(
     while True:
         try:
             return await attempt()
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+        except _UNREACHABLE as exc:
             log.warning("waiting for %s (%s); retrying in %.1fs", what, exc, delay)
         if stop.is_set():
             raise asyncio.CancelledError
@@ -56,6 +65,20 @@ async def open_pool(settings: Settings, stop: asyncio.Event, max_size: int = 10)
     return pool
 
 
+async def streams_in_place(js: JetStreamContext, settings: Settings, stop: asyncio.Event) -> None:
+    """The contract's streams created or updated, waiting (until `stop`) for a JetStream that
+    is connected but not answering yet: a server still starting, or one frozen meanwhile."""
+
+    async def ensure() -> None:
+        await ensure_streams(
+            js, settings.prefix, settings.duplicate_window_seconds,
+            replicas=settings.stream_replicas, partitions=settings.partitions,
+        )  # fmt: skip
+
+    # Each attempt waits out its request timeout: Ctrl-C need not wait for it.
+    await unless_stopped(_retry("NATS JetStream", ensure, stop), stop)
+
+
 async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Client:
     """A NATS connection, with the contract's streams in place."""
     assert settings.nats_url
@@ -64,10 +87,7 @@ async def open_nats(settings: Settings, name: str, stop: asyncio.Event) -> Clien
     # nats-py retries inside connect while the server is away: only `stop` ends the wait.
     nc = await unless_stopped(_retry("NATS", lambda: connect(url, name, seed), stop), stop)
     assert isinstance(nc, Client)
-    await ensure_streams(
-        nc.jetstream(), settings.prefix, settings.duplicate_window_seconds,
-        replicas=settings.stream_replicas, partitions=settings.partitions,
-    )  # fmt: skip
+    await streams_in_place(nc.jetstream(), settings, stop)
     return nc
 
 
@@ -80,10 +100,7 @@ async def serving(
     (subscribers get 2 s, then the connection is closed, not drained)."""
 
     async def streams(b: TollgateBroker) -> None:
-        await ensure_streams(
-            b.js, settings.prefix, settings.duplicate_window_seconds,
-            replicas=settings.stream_replicas, partitions=settings.partitions,
-        )  # fmt: skip
+        await streams_in_place(b.js, settings, stop)
 
     async with running(broker, stop, before_start=streams):
         yield broker
@@ -106,10 +123,7 @@ async def run_ledger(settings: Settings, stop: asyncio.Event) -> None:
 
         async def declared(b: TollgateBroker) -> None:
             nonlocal service
-            await ensure_streams(
-                b.js, settings.prefix, settings.duplicate_window_seconds,
-                replicas=settings.stream_replicas, partitions=settings.partitions,
-            )  # fmt: skip
+            await streams_in_place(b.js, settings, stop)
             service = LedgerService(
                 b.nc, pool, prefix=settings.prefix, batch=settings.ledger_batch,
                 fetch_timeout=settings.ledger_fetch_timeout,
@@ -163,10 +177,7 @@ async def run_policy(settings: Settings, stop: asyncio.Event) -> None:
 
     async def wired(connected: TollgateBroker) -> None:
         # Connected, subscriptions not started yet: the checker is there before any check.
-        await ensure_streams(
-            connected.js, settings.prefix, settings.duplicate_window_seconds,
-            replicas=settings.stream_replicas, partitions=settings.partitions,
-        )  # fmt: skip
+        await streams_in_place(connected.js, settings, stop)
         service = PolicyService(
             connected.nc, pool, config, settings.prefix,
             partition=settings.partition, partitions=settings.partitions,

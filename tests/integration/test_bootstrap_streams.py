@@ -1,0 +1,69 @@
+"""A service that starts while NATS is connected but not answering waits; it does not crash."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import nats
+import psutil
+import pytest
+
+from contracts.samples import samples_stream
+from infra.settings import Settings
+from tests.conftest import wait_until
+from tollgate.bootstrap import streams_in_place
+from tollgate.embedded import EmbeddedNats
+
+
+async def test_streams_are_put_in_place_once_a_frozen_nats_answers_again(
+    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    assert server.proc is not None
+    frozen = psutil.Process(server.proc.pid)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1)
+    try:
+        settings = Settings(nats_url=server.url, prefix=prefix)
+        stop = asyncio.Event()
+        frozen.suspend()  # connected, and nothing answers: every request waits for its timeout
+        caplog.set_level(logging.WARNING, logger="tollgate")
+        task = asyncio.create_task(streams_in_place(nc.jetstream(), settings, stop))
+
+        async def waiting() -> bool:
+            return "waiting for NATS JetStream" in caplog.text
+
+        await wait_until(waiting, timeout=30, what="the wait for JetStream logged")
+        assert not task.done()  # it waits: a timeout is not an error that ends the service
+        frozen.resume()
+        await asyncio.wait_for(task, 30)
+        info = await nc.jetstream().stream_info(samples_stream(prefix))
+        assert info.config.name == samples_stream(prefix)
+        assert "Traceback" not in caplog.text
+    finally:
+        if frozen.status() == psutil.STATUS_STOPPED:
+            frozen.resume()
+        await nc.close()
+        server.stop()
+
+
+async def test_a_stop_ends_the_wait_for_a_frozen_nats_at_once(tmp_path: Path, prefix: str) -> None:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    assert server.proc is not None
+    frozen = psutil.Process(server.proc.pid)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1)
+    try:
+        stop = asyncio.Event()
+        frozen.suspend()
+        task = asyncio.create_task(
+            streams_in_place(nc.jetstream(), Settings(nats_url=server.url, prefix=prefix), stop)
+        )
+        await asyncio.sleep(0.5)  # inside its first request, which would wait 5 s
+        stop.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 1.0)  # not the request's timeout
+    finally:
+        frozen.resume()
+        await nc.close()
+        server.stop()
