@@ -111,8 +111,12 @@ async def run(
         for s in services:
             await s.stop()
         stack.stop()
-    # Kept only when the run failed (the logs say why); a finished run leaves nothing behind.
-    shutil.rmtree(stack.work, ignore_errors=True)
+    # Kept only when the run failed (the logs say why) or BENCH_KEEP_WORK is set (to read
+    # the services' logs, say with TOLLGATE_LOG_LEVEL=INFO); else nothing is left behind.
+    if os.environ.get("BENCH_KEEP_WORK"):
+        console.print(f"servers' and services' logs kept in {stack.work} (BENCH_KEEP_WORK)")
+    else:
+        shutil.rmtree(stack.work, ignore_errors=True)
     report.machine.pop("work_dir", None)
     report.write(results)
     console.print(rich_table(report))
