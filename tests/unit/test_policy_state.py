@@ -169,3 +169,22 @@ def test_a_group_pool_is_shared_by_its_members_and_those_the_hub_put_in_it() -> 
         assert standing.used == 9 * hour  # bob + carol + dave, not eve
         assert standing.reserved == hour  # carol's hold counts against the pool
     assert standings_for(view, "eve", resolve_groups(POOL, book, "eve")) == []
+
+
+def test_events_land_in_the_hour_and_minute_of_their_own_time_whatever_came_before() -> None:
+    # Times as the feed decodes them: equal instants are distinct objects, and an instant in
+    # another zone is the same hour as its UTC twin; the bucket memo must key on the value.
+    usage = UsageState(minute_metrics=frozenset({"log.bytes"}))
+    at = datetime(2026, 11, 22, 10, 59, 59, 999999, tzinfo=UTC)
+    same = datetime.fromisoformat(at.isoformat())
+    later = at + timedelta(microseconds=1)
+    elsewhere = datetime.fromisoformat("2026-11-22T12:00:00.000001+01:00")  # 11:00 UTC
+    times = [at, same, later, elsewhere, at]
+    for seq, t in enumerate(times, start=1):
+        assert usage.apply(UsageEvent(seq, "ann", "w", "h", "log.bytes", Decimal(1), t)) is (
+            Applied.APPLIED
+        )
+    ten, eleven = at.replace(minute=0, second=0, microsecond=0), later
+    assert usage.subjects[("ann", "log.bytes")].slots == {ten: 3, eleven: 2}
+    minutes = usage.minutes[("w", "log.bytes")].slots
+    assert minutes == {at.replace(second=0, microsecond=0): 3, later.replace(microsecond=0): 2}
