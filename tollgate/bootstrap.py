@@ -32,11 +32,12 @@ log = logging.getLogger("tollgate")
 STOP_GRACE = 3.0
 
 
+class JetStreamSilent(ConnectionError):
+    """Connected to NATS, and nothing answers its JetStream requests."""
+
+
 # A server that is not up yet, or up and not answering (NATS frozen, JetStream not ready).
-_UNREACHABLE = (
-    OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError,
-    nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError,
-)  # fmt: skip
+_UNREACHABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
 
 
 async def _retry(
@@ -70,10 +71,17 @@ async def streams_in_place(js: JetStreamContext, settings: Settings, stop: async
     is connected but not answering yet: a server still starting, or one frozen meanwhile."""
 
     async def ensure() -> None:
-        await ensure_streams(
-            js, settings.prefix, settings.duplicate_window_seconds,
-            replicas=settings.stream_replicas, partitions=settings.partitions,
-        )  # fmt: skip
+        try:
+            await ensure_streams(
+                js, settings.prefix, settings.duplicate_window_seconds,
+                replicas=settings.stream_replicas, partitions=settings.partitions,
+            )  # fmt: skip
+        except (nats.errors.NoRespondersError, nats.js.errors.ServiceUnavailableError):
+            raise JetStreamSilent(
+                "connected, but nothing answers JetStream requests: the server is still "
+                "starting, or it runs without JetStream (start nats-server with -js, or set "
+                "TOLLGATE_NATS_URL to a server that has it)"
+            ) from None
 
     # Each attempt waits out its request timeout: Ctrl-C need not wait for it.
     await unless_stopped(_retry("NATS JetStream", ensure, stop), stop)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import subprocess
 from pathlib import Path
 
 import nats
@@ -14,7 +15,7 @@ from contracts.samples import samples_stream
 from infra.settings import Settings
 from tests.conftest import wait_until
 from tollgate.bootstrap import streams_in_place
-from tollgate.embedded import EmbeddedNats
+from tollgate.embedded import EmbeddedNats, free_port, nats_server_binary
 
 
 async def test_streams_are_put_in_place_once_a_frozen_nats_answers_again(
@@ -67,3 +68,34 @@ async def test_a_stop_ends_the_wait_for_a_frozen_nats_at_once(tmp_path: Path, pr
         frozen.resume()
         await nc.close()
         server.stop()
+
+
+async def test_a_nats_without_jetstream_is_waited_for_with_what_to_do(
+    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    server = subprocess.Popen(  # no -js
+        [str(nats_server_binary()), "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        nc = await nats.connect(url, max_reconnect_attempts=-1, connect_timeout=10)
+        stop = asyncio.Event()
+        caplog.set_level(logging.WARNING, logger="tollgate")
+        task = asyncio.create_task(
+            streams_in_place(nc.jetstream(), Settings(nats_url=url, prefix=prefix), stop)
+        )
+
+        async def told() -> bool:
+            return "start nats-server with -js" in caplog.text
+
+        await wait_until(told, timeout=30, what="the missing JetStream explained")
+        assert not task.done()
+        stop.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        await nc.close()
+    finally:
+        server.terminate()
+        server.wait(10)
