@@ -33,11 +33,7 @@ STOP_GRACE = 3.0
 
 
 class JetStreamSilent(ConnectionError):
-    """Connected to NATS, and nothing answers its JetStream requests."""
-
-
-# A server that is not up yet, or up and not answering (NATS frozen, JetStream not ready).
-_UNREACHABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError)
+    """Connected to NATS, and nothing answers its JetStream requests (an OSError: retried)."""
 
 
 async def _retry(
@@ -48,7 +44,7 @@ async def _retry(
     while True:
         try:
             return await attempt()
-        except _UNREACHABLE as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
             log.warning("waiting for %s (%s); retrying in %.1fs", what, exc, delay)
         if stop.is_set():
             raise asyncio.CancelledError

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import nats
 import psutil
 import pytest
+from nats.aio.client import Client
 
 from contracts.samples import samples_stream
 from infra.settings import Settings
@@ -18,56 +21,65 @@ from tollgate.bootstrap import streams_in_place
 from tollgate.embedded import EmbeddedNats, free_port, nats_server_binary
 
 
+@dataclass
+class Frozen:
+    """A NATS of this test's own, connected to, then suspended: nothing answers."""
+
+    url: str
+    nc: Client
+    process: psutil.Process
+
+
+@pytest.fixture
+async def frozen(tmp_path: Path) -> AsyncIterator[Frozen]:
+    server = EmbeddedNats(tmp_path / "nats").start()
+    assert server.proc is not None
+    process = psutil.Process(server.proc.pid)
+    nc = await nats.connect(server.url, max_reconnect_attempts=-1)
+    process.suspend()
+    try:
+        yield Frozen(server.url, nc, process)
+    finally:
+        if process.status() == psutil.STATUS_STOPPED:
+            process.resume()
+        await nc.close()
+        server.stop()
+
+
 async def test_streams_are_put_in_place_once_a_frozen_nats_answers_again(
-    tmp_path: Path, prefix: str, caplog: pytest.LogCaptureFixture
+    frozen: Frozen, prefix: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    server = EmbeddedNats(tmp_path / "nats").start()
-    assert server.proc is not None
-    frozen = psutil.Process(server.proc.pid)
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1)
-    try:
-        settings = Settings(nats_url=server.url, prefix=prefix)
-        stop = asyncio.Event()
-        frozen.suspend()  # connected, and nothing answers: every request waits for its timeout
-        caplog.set_level(logging.WARNING, logger="tollgate")
-        task = asyncio.create_task(streams_in_place(nc.jetstream(), settings, stop))
+    settings = Settings(nats_url=frozen.url, prefix=prefix)
+    caplog.set_level(logging.WARNING, logger="tollgate")
+    task = asyncio.create_task(streams_in_place(frozen.nc.jetstream(), settings, asyncio.Event()))
 
-        async def waiting() -> bool:
-            return "waiting for NATS JetStream" in caplog.text
+    async def waiting() -> bool:
+        return "waiting for NATS JetStream" in caplog.text
 
-        await wait_until(waiting, timeout=30, what="the wait for JetStream logged")
-        assert not task.done()  # it waits: a timeout is not an error that ends the service
-        frozen.resume()
-        await asyncio.wait_for(task, 30)
-        info = await nc.jetstream().stream_info(samples_stream(prefix))
-        assert info.config.name == samples_stream(prefix)
-        assert "Traceback" not in caplog.text
-    finally:
-        if frozen.status() == psutil.STATUS_STOPPED:
-            frozen.resume()
-        await nc.close()
-        server.stop()
+    await wait_until(waiting, timeout=30, what="the wait for JetStream logged")
+    assert not task.done()  # it waits: a timeout is not an error that ends the service
+    frozen.process.resume()
+    await asyncio.wait_for(task, 30)
+    info = await frozen.nc.jetstream().stream_info(samples_stream(prefix))
+    assert info.config.name == samples_stream(prefix)
+    assert "Traceback" not in caplog.text
 
 
-async def test_a_stop_ends_the_wait_for_a_frozen_nats_at_once(tmp_path: Path, prefix: str) -> None:
-    server = EmbeddedNats(tmp_path / "nats").start()
-    assert server.proc is not None
-    frozen = psutil.Process(server.proc.pid)
-    nc = await nats.connect(server.url, max_reconnect_attempts=-1)
-    try:
-        stop = asyncio.Event()
-        frozen.suspend()
-        task = asyncio.create_task(
-            streams_in_place(nc.jetstream(), Settings(nats_url=server.url, prefix=prefix), stop)
-        )
-        await asyncio.sleep(0.5)  # inside its first request, which would wait 5 s
-        stop.set()
-        with pytest.raises(asyncio.CancelledError):
-            await asyncio.wait_for(task, 1.0)  # not the request's timeout
-    finally:
-        frozen.resume()
-        await nc.close()
-        server.stop()
+async def test_a_stop_cuts_the_wait_for_a_frozen_nats_short(
+    frozen: Frozen, prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    stop = asyncio.Event()
+    caplog.set_level(logging.WARNING, logger="tollgate")
+    settings = Settings(nats_url=frozen.url, prefix=prefix)
+    task = asyncio.create_task(streams_in_place(frozen.nc.jetstream(), settings, stop))
+    await asyncio.sleep(0.5)  # inside its first request, which would wait 5 s for an answer
+    stop.set()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 30)  # (a guard against a hang, not a speed goal)
+    # Cut short inside that request: had the stop waited for it, its timeout would have been
+    # logged as a wait and retried.
+    assert "waiting for NATS JetStream" not in caplog.text
+    assert frozen.process.status() == psutil.STATUS_STOPPED  # it never answered meanwhile
 
 
 async def test_a_nats_without_jetstream_is_waited_for_with_what_to_do(
