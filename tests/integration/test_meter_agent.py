@@ -117,7 +117,11 @@ async def ledger_reaches(pool: asyncpg.Pool, subject: str, metric: str, wanted: 
     async def reached() -> bool:
         return await total(pool, subject, metric) >= wanted
 
-    await wait_until(reached, timeout=20, what=f"{wanted} bytes of {metric} in the ledger")
+    try:
+        await wait_until(reached, timeout=20, what=f"{wanted} bytes of {metric} in the ledger")
+    except AssertionError as exc:
+        has = await total(pool, subject, metric)
+        raise AssertionError(f"{exc} (it has {has} for {subject})") from None
 
 
 async def epochs(pool: asyncpg.Pool, host: str) -> list[str]:
