@@ -154,10 +154,10 @@ class MeterAgent:
         synced = await asyncio.to_thread(self._sync, owners, targets)
         samples = await asyncio.to_thread(self.gpus.sample) if self.gpus is not None else []
         obs = merge(*self._net(owners, synced), *self._workloads(wall, samples))
-        restarted, unknown = chain_changes(self.state.chains, owners, synced)
+        restarted, unknown, last = chain_changes(self.state.chains, owners, synced)
         book = self.state.book
         if restarted:
-            closing = book.roll(obs, set(restarted), now, epoch=new_epoch())
+            closing = book.roll(obs, set(restarted), now, epoch=new_epoch(), last=last)
             if closing is not None:
                 log.warning(
                     "accounting chains %s were made anew, so their counters began "
@@ -317,6 +317,7 @@ class MeterAgent:
             for family, readings in cg.readings.items():
                 synced.readings.setdefault(family, {}).update(readings)
             synced.created |= cg.created
+            synced.replaced |= cg.replaced
         if not self._swept:
             self._swept = True
             self.cgroup_net.sweep(set(self.probes))

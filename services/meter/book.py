@@ -10,7 +10,8 @@ the old epoch gets a closing batch with every other component's current value an
 restarted ones at their last reading, then every component that did not restart takes its
 current value as baseline, so the new epoch counts from zero without counting anything twice.
 What the restarted component counted between its last reading and its restart is the only
-thing lost, and nothing can recover it.
+thing lost, unless its old counter could still be read as it was replaced (an eBPF map whose
+pin was removed while the meter held it): then the epoch closes at that last value.
 """
 
 from __future__ import annotations
@@ -112,24 +113,31 @@ class CounterBook:
         return self.batch(Observation(parts, obs.labels), sampled_at, final=True)
 
     def roll(
-        self, obs: Observation, restarted: set[str], sampled_at: datetime, epoch: str
+        self,
+        obs: Observation,
+        restarted: set[str],
+        sampled_at: datetime,
+        epoch: str,
+        last: Mapping[str, Decimal] | None = None,
     ) -> CounterBatch | None:
         """Close this epoch and open `epoch`, because `restarted` components began again.
 
-        Returns the closing batch of the old epoch; None, and no new epoch, when this one has
-        published nothing yet.
+        A restarted component closes at `last[c]` when its old counter could still be read
+        as it was replaced, else at its last reading. Returns the closing batch of the old
+        epoch; None, and no new epoch, when this one has published nothing yet.
         """
         if self.seq == 0:
             # Nothing of this epoch was published: nothing to close, nothing counted twice.
             for c in restarted:
                 self.baselines.pop(c, None)
             return None
+        final = {**self.last_raw, **(last or {})}
         before = Observation(
             {
                 s: {
-                    c: (self.last_raw.get(c, ZERO) if c in restarted else v)
+                    c: (final.get(c, ZERO) if c in restarted else v)
                     for c, v in parts.items()
-                    if c not in restarted or c in self.last_raw
+                    if c not in restarted or c in final
                 }
                 for s, parts in obs.parts.items()
             },

@@ -27,7 +27,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from .netrules import Family, LanList
 
@@ -67,6 +67,15 @@ class CgroupReading:
     nonce: str
     bytes: dict[tuple[str, Family, str], int]  # (tx|rx, family, lan|wan) -> bytes
     packets: dict[tuple[str, Family, str], int]
+
+
+class Attached(NamedTuple):
+    """One cgroup's counters after `attach`: their nonce, whether they were made just now,
+    and the last reading of the map they replaced, when we still held it."""
+
+    nonce: str
+    made: bool
+    last: CgroupReading | None = None
 
 
 class _Lib:
@@ -177,10 +186,11 @@ class CgroupBpf:
             raise BpfUnavailable("probe() was not called")
         return self._lib
 
-    def attach(self, key: str, cgroup: Path) -> tuple[str, bool]:
-        """Count `cgroup` (a cgroup-v2 directory) under `key`: its nonce, and whether its
-        counters were made just now. Pins that are there and intact are kept (their counters
-        go on); missing ones are made anew, from zero, with a new nonce."""
+    def attach(self, key: str, cgroup: Path) -> Attached:
+        """Count `cgroup` (a cgroup-v2 directory) under `key`. Pins that are there and intact
+        are kept (their counters go on); missing ones are made anew, from zero, with a new
+        nonce. When the map we held lost its pin, its programs are detached first and the
+        map is read one last time, so what it counted since our last read is not lost."""
         known = self._maps.get(key)
         try:
             where = self._where(key, cgroup)
@@ -188,20 +198,23 @@ class CgroupBpf:
             # The cgroup is gone (its workload ended): read what it counted, from the map we
             # hold or the one a previous life of ours pinned.
             if known is not None:
-                return known[1], False
-            return self._orphan(key, cgroup), False
-        if known is not None and "counts" in pins(where):
-            return known[1], False
-        self._close(key)
-        made = False
+                return Attached(known[1], False)
+            return Attached(self._orphan(key, cgroup), False)
+        here = pins(where)
+        if known is not None and "counts" in here:
+            return Attached(known[1], False)
+        made, last = False, None
         fd = self.lib.lib.bpf_obj_get(str(where / "counts").encode())
-        if fd < 0 or not {p for _, p in PROGRAMS} <= pins(where):
+        if fd < 0 or not {p for _, p in PROGRAMS} <= here:
             if fd >= 0:
                 os.close(fd)
-            fd, made = self._instance(where, cgroup), True
+            fd, made = self._instance(where, cgroup), True  # the old links go first
+        if known is not None:
+            last = self.read(key)  # the old map: nothing counts into it any more
+        self._close(key)
         nonce = str(self.lib.map_id(fd))
         self._maps[key] = (fd, nonce)
-        return nonce, made
+        return Attached(nonce, made, last if last is not None and last.nonce != nonce else None)
 
     def _orphan(self, key: str, cgroup: Path) -> str:
         for name in sorted(pins(self.dir)):

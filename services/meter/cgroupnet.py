@@ -159,7 +159,7 @@ class CgroupNet:
         for target in targets:
             key = target.owner.key
             try:
-                nonce, made = self.bpf.attach(chain_key(key), target.directory)
+                nonce, made, last = self.bpf.attach(chain_key(key), target.directory)
                 reading = self.bpf.read(chain_key(key))
             except (BpfUnavailable, OSError) as exc:
                 self._once(f"cannot count the network bytes of cgroup {target.directory}: {exc}")
@@ -177,6 +177,12 @@ class CgroupNet:
                     )
                     if made:
                         out.created.add((family, chain.name))
+                    if last is not None:
+                        out.replaced[(family, chain.name)] = ChainReading(
+                            last.nonce,
+                            last.bytes[(direction, family, "lan")],
+                            last.bytes[(direction, family, "wan")],
+                        )
         return out
 
     def remove(self, target_owner: Owner) -> None:

@@ -296,10 +296,10 @@ class Metered:
         source = self.network or self.cgroup_network
         if source is None:
             return obs
-        net, restarted = await source.read()
+        net, restarted, last = await source.read()
         obs = merge(obs, net)
         if restarted:
-            closing = self.book.roll(obs, restarted, utcnow(), new_epoch())
+            closing = self.book.roll(obs, restarted, utcnow(), new_epoch(), last=last)
             if closing is not None:
                 self.link.enqueue(self._message(closing))
         self.book.values(obs)  # so a chain recreated before the next batch loses the least

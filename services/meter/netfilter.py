@@ -147,6 +147,9 @@ class Synced:
 
     readings: dict[Family, dict[str, ChainReading]] = field(default_factory=dict)
     created: set[tuple[Family, str]] = field(default_factory=set)
+    # The last reading of counters that were replaced by new ones in this sync, where the
+    # old ones could still be read (an eBPF map whose pin was removed while we held it).
+    replaced: dict[tuple[Family, str], ChainReading] = field(default_factory=dict)
 
 
 class Accounting:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from decimal import Decimal
 from pathlib import Path
 
@@ -147,9 +147,11 @@ def chain_changes(
     recorded: dict[Family, dict[str, str]],
     owners: Sequence[tuple[str, str, Owner]],
     synced: Synced,
-) -> tuple[dict[str, str], set[str]]:
-    """Components whose chain began again since `recorded` (with the chain's name), and
-    those of chains found running with no past we know of; `recorded` is brought up to date.
+) -> tuple[dict[str, str], set[str], dict[str, Decimal]]:
+    """Components whose chain began again since `recorded` (with the chain's name), those
+    of chains found running with no past we know of, and the last raw value of restarted
+    components whose old counters could be read as they were replaced; `recorded` is
+    brought up to date.
 
     A nonce we knew that changed means the chain was made anew: its counters restarted.
     A chain we never recorded and did not just make was made by a life of ours whose
@@ -168,4 +170,21 @@ def chain_changes(
             elif before is None and (family, chain) not in synced.created:
                 unknown |= ids
             known[chain] = reading.nonce or ""
-    return restarted, unknown
+    return restarted, unknown, replaced_values(synced, workload_of, set(restarted))
+
+
+def replaced_values(
+    synced: Synced, workload_of: Mapping[str, str], restarted: set[str]
+) -> dict[str, Decimal]:
+    """The last raw value of each restarted component whose old counters were read as they
+    were replaced (`Synced.replaced`), so an epoch's closing batch loses nothing."""
+    out: dict[str, Decimal] = {}
+    for (family, chain), old in synced.replaced.items():
+        workload = workload_of.get(chain)
+        if workload is None:
+            continue
+        for kind, value in (("lan", old.lan), ("wan", old.wan)):
+            c = component(workload, family, chain, kind)
+            if c in restarted:
+                out[c] = Decimal(value)
+    return out

@@ -9,6 +9,7 @@ import logging
 import os
 import secrets
 from collections.abc import Sequence
+from decimal import Decimal
 from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]
@@ -17,10 +18,10 @@ from .addresses import Pools
 from .book import Observation
 from .cgroupbpf import ROOT, pins, remove_pins
 from .cgroupnet import CgroupNet, CgroupTarget
-from .netfilter import Accounting, Synced
+from .netfilter import Accounting, Owner, Synced
 from .netns import Sandbox
 from .netrules import LanList
-from .probe import net_observation
+from .probe import net_observation, replaced_values
 
 log = logging.getLogger("tollgate.meter")
 
@@ -44,14 +45,15 @@ class RunNetwork:
     def wrap(self, cmd: Sequence[str]) -> list[str]:
         return self.sandbox.wrap(cmd)
 
-    async def read(self) -> tuple[Observation, set[str]]:
-        """The counters now, and the components whose chain was recreated since last time."""
+    async def read(self) -> tuple[Observation, set[str], dict[str, Decimal]]:
+        """The counters now, the components whose chain was recreated since last time, and
+        the last values of those whose old counters were read as they were replaced."""
         synced = await asyncio.to_thread(self.accounting.sync, [self.owner])
         obs = net_observation(self.subject, self.workload, self.owner, synced)
         restarted, chains = _restarted(self._nonces, obs, synced)
         for chain in chains:
             log.warning("%s chain %s was recreated; starting a new epoch", *chain.split(" "))
-        return obs, restarted
+        return obs, restarted, _replaced(self.workload, self.owner, synced, restarted)
 
     async def remove(self) -> None:
         await asyncio.to_thread(self.sandbox.remove)
@@ -74,6 +76,12 @@ def _restarted(
                 }
             nonces[key] = reading.nonce
     return restarted, chains
+
+
+def _replaced(
+    workload: str, owner: Owner, synced: Synced, restarted: set[str]
+) -> dict[str, Decimal]:
+    return replaced_values(synced, {c.name: workload for c in owner.chains}, restarted)
 
 
 class RunCgroupNetwork:
@@ -101,14 +109,14 @@ class RunCgroupNetwork:
         await self.read()  # attach now, before the command opens its first socket
         return True
 
-    async def read(self) -> tuple[Observation, set[str]]:
+    async def read(self) -> tuple[Observation, set[str], dict[str, Decimal]]:
         assert self.target is not None
         synced = await asyncio.to_thread(self.net.sync, [self.target])
         obs = net_observation(self.subject, self.workload, self.target.owner, synced)
         restarted, chains = _restarted(self._nonces, obs, synced)
         if chains:
             log.warning("%s began again; starting a new epoch", ", ".join(chains))
-        return obs, restarted
+        return obs, restarted, _replaced(self.workload, self.target.owner, synced, restarted)
 
     async def remove(self) -> None:
         if self.target is not None:

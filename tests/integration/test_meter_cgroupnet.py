@@ -440,8 +440,10 @@ async def test_a_pinned_map_removed_by_hand_starts_a_new_epoch_and_nothing_count
                 w.start()
             await asyncio.gather(*(w.phase() for w in workloads))
             a = workloads[0]
-            await ledger_reaches(pool, a.subject, "net.rx.wan.bytes", a.expected("rx", "wan", 1))
-            # What an administrator might do: remove workload a's pinned map.
+            # What an administrator might do: remove workload a's pinned map, here right
+            # after its traffic, so the agent's last reading of it is almost surely older
+            # than its last packets: those are only charged if the map we still hold is
+            # read once more as it is replaced.
             owner = ROOT / f"meter-{chains}"
             key = chain_key(a.workload)
             (counts,) = [owner / n / "counts" for n in pins(owner) if n.startswith(f"{key}_")]

@@ -61,6 +61,22 @@ def test_a_restarted_component_closes_the_epoch_and_the_new_one_counts_from_zero
     }  # fmt: skip
 
 
+def test_a_replaced_counter_read_one_last_time_closes_its_epoch_at_that_value() -> None:
+    book = CounterBook("h")
+    book.batch(obs(100, 20, "1"), NOW)
+    # The old IPv6 counter went on to 26 after our last reading (20), and could still be
+    # read as it was replaced; the new one has counted 5 since.
+    closing = book.roll(obs(130, 5, "1.25"), {V6}, NOW, epoch="e2", last={V6: Decimal(26)})
+    assert closing is not None
+    assert values(closing)["net.tx.lan.bytes"] == 156
+    assert values(book.batch(obs(140, 9, "2"), NOW))["net.tx.lan.bytes"] == 19
+    # A last value of a component that did not restart changes nothing.
+    again = CounterBook("h")
+    again.batch(obs(100, 20, "1"), NOW)
+    closing = again.roll(obs(130, 5, "1.25"), {V6}, NOW, epoch="e2", last={V4: Decimal(999)})
+    assert closing is not None and values(closing)["net.tx.lan.bytes"] == 150
+
+
 def test_a_restart_before_anything_was_published_needs_no_new_epoch() -> None:
     book = CounterBook("h")
     epoch = book.epoch
