@@ -199,7 +199,12 @@ async def _steps(
             _half_lines(report, half, base, fleet)
             _said(progress, report, "P2 p99", "P3 NATS p99", "P3 HTTP p99")
             # Like P2 after P1: the tenth starts with nothing queued from the step before.
+            t0 = time.perf_counter()
             await _drained(nc, pool, fleet.prefix)
+            report.notes.append(
+                f"P2 tenth began once what the half-rate step left queued was committed and on "
+                f"the feed: {time.perf_counter() - t0:.1f} s after that step ended"
+            )
             tenth = await scenarios.ingest_lag(
                 nc, fleet, progress, msgs_per_s=rate / 10, seconds=mode.half_seconds
             )
