@@ -210,7 +210,10 @@ class CgroupBpf:
                 os.close(fd)
             fd, made = self._instance(where, cgroup), True  # the old links go first
         if known is not None:
-            last = self.read(key)  # the old map: nothing counts into it any more
+            try:
+                last = self.read(key)  # the old map: nothing counts into it any more
+            except BpfUnavailable as exc:  # closed at its last reading instead
+                log.warning("cannot read the replaced counters of %s one last time: %s", key, exc)
         self._close(key)
         nonce = str(self.lib.map_id(fd))
         self._maps[key] = (fd, nonce)
