@@ -217,7 +217,7 @@ class CgroupBpf:
         self._close(key)
         nonce = str(self.lib.map_id(fd))
         self._maps[key] = (fd, nonce)
-        return Attached(nonce, made, last if last is not None and last.nonce != nonce else None)
+        return Attached(nonce, made, last)
 
     def _orphan(self, key: str, cgroup: Path) -> str:
         for name in sorted(pins(self.dir)):
